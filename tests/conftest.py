@@ -1,0 +1,38 @@
+"""Shared fixtures: one patched build per session (cached across runs), models loaded once per
+worker, and llama.cpp threads = cores // xdist workers so parallel runs do not oversubscribe."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("FQ_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+
+
+@pytest.fixture(scope="session")
+def build():
+    from harness.build import build as build_llama_cpp
+
+    return build_llama_cpp()
+
+
+@pytest.fixture(scope="session")
+def models(build) -> Iterator[dict]:
+    """name -> loaded harness.driver.Model, loaded on first use and kept for the session."""
+    from harness.driver import Model
+    from harness.models import get_model
+
+    loaded: dict = {}
+
+    class Loader(dict):
+        def __missing__(self, name: str):
+            loaded[name] = Model(get_model(name, build).path, build)
+            self[name] = loaded[name]
+            return loaded[name]
+
+    yield Loader()
+    for model in loaded.values():
+        model.close()

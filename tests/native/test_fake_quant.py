@@ -1,0 +1,210 @@
+"""The native fake quantization (graph nodes added by native/fake-quant.patch) against the
+independent numpy reference (eval callback on an unmodified graph): bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness.driver import FakeQuantError, FakeQuantRule
+from harness.reference import Capture, ReferenceFakeQuant
+from harness.rounding import fake_quantize, representable
+
+pytestmark = pytest.mark.native
+
+TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
+        "the third introduced special relativity. 17 + 25 = 42, and 6 * 7 = 42 as well.")
+
+N_CTX = 96
+# (model, n_layer) cases; layer specs below refer to SmolLM2's 30 layers
+SELECTIONS = {
+    "all": [FakeQuantRule("ffn_norm", "{fmt}")],
+    "first5": [FakeQuantRule("ffn_norm", "{fmt}", "0-4")],
+    "last5": [FakeQuantRule("ffn_norm", "{fmt}", "25-29")],
+    "layer10": [FakeQuantRule("ffn_norm", "{fmt}", "10")],
+    "logits": [FakeQuantRule("result_output", "{fmt}")],
+    "all_logits": [FakeQuantRule("ffn_norm", "{fmt}"), FakeQuantRule("result_output", "{fmt}")],
+    "half_scale": [FakeQuantRule("ffn_norm", "{fmt}", "-1", 0.5)],
+    "attn_norm_list": [FakeQuantRule("attn_norm", "{fmt}", "1,3,20-22")],
+}
+
+
+def rules_for(selection: str, fmt: str) -> list[FakeQuantRule]:
+    return [FakeQuantRule(r.target, r.fmt.format(fmt=fmt), r.layers, r.scale) for r in SELECTIONS[selection]]
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint32)
+
+
+class Pair:
+    """A native context and a reference context (eval callback) on the same model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.tokens = model.tokenize(TEXT)[:N_CTX]
+        self.native = model.context(N_CTX)
+        self.hook = ReferenceFakeQuant([], model.n_layer)
+        self.ref = model.context(N_CTX, tensor_hook=self.hook)
+        self.native.set_fake_quant([])
+        self.baseline = self.native.logits(self.tokens)
+
+    def native_logits(self, rules: list[FakeQuantRule]) -> np.ndarray:
+        self.native.set_fake_quant(rules)
+        try:
+            return self.native.logits(self.tokens)
+        finally:
+            self.native.set_fake_quant([])
+
+    def reference_logits(self, rules: list[FakeQuantRule]) -> np.ndarray:
+        self.hook.__init__(rules, self.model.n_layer)
+        try:
+            return self.ref.logits(self.tokens)
+        finally:
+            self.hook.__init__([], self.model.n_layer)
+
+
+@pytest.fixture(scope="module")
+def pairs(models):
+    made: dict[str, Pair] = {}
+
+    def get(name: str) -> Pair:
+        if name not in made:
+            made[name] = Pair(models[name])
+        return made[name]
+
+    yield get
+    for pair in made.values():
+        pair.native.close()
+        pair.ref.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32"])
+@pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0"])
+@pytest.mark.parametrize("selection", sorted(SELECTIONS))
+def test_native_equals_reference_bitwise(pairs, model, fmt, selection):
+    pair = pairs(model)
+    rules = rules_for(selection, fmt)
+    native = pair.native_logits(rules)
+    sites = pair.native.fake_quant_sites
+    reference = pair.reference_logits(rules)
+    np.testing.assert_array_equal(bits(native), bits(reference))
+    assert sites == pair.hook.applied > 0
+    if fmt == "bf16" or model == "smollm2-f32":
+        assert not np.array_equal(bits(native), bits(pair.baseline)), "fake quantization changed nothing"
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16"])
+def test_native_equals_reference_gemma3(pairs, fmt):
+    pair = pairs("gemma3-270m")
+    rules = [FakeQuantRule("ffn_norm", fmt), FakeQuantRule("result_output", fmt)]
+    native = pair.native_logits(rules)
+    reference = pair.reference_logits(rules)
+    np.testing.assert_array_equal(bits(native), bits(reference))
+    assert not np.array_equal(bits(native), bits(pair.baseline))
+    assert pair.hook.applied == pair.model.n_layer + 1
+
+
+@pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-270m"])
+def test_off_equals_baseline_and_live_changes_take_effect(pairs, model):
+    pair = pairs(model)
+    ctx = pair.native
+    np.testing.assert_array_equal(bits(pair.ref.logits(pair.tokens)), bits(pair.baseline))  # callback, no rules
+    ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+    bf16 = ctx.logits(pair.tokens)
+    ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16", "0-4")])
+    first5 = ctx.logits(pair.tokens)
+    ctx.set_fake_quant([])
+    cleared = ctx.logits(pair.tokens)
+    ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+    again = ctx.logits(pair.tokens)
+    ctx.set_fake_quant([])
+    assert not np.array_equal(bits(bf16), bits(pair.baseline))
+    assert not np.array_equal(bits(first5), bits(bf16))
+    np.testing.assert_array_equal(bits(cleared), bits(pair.baseline))
+    np.testing.assert_array_equal(bits(again), bits(bf16))
+
+
+def test_scale_zero_is_baseline_and_applied_count(pairs):
+    pair = pairs("smollm2-f32")
+    before = pair.native.fake_quant_applied
+    np.testing.assert_array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "bf16", "-1", 0.0)])),
+                                  bits(pair.baseline))
+    pair.native_logits([FakeQuantRule("ffn_norm", "bf16", "2-4")])
+    assert pair.native.fake_quant_applied - before == 30 + 3  # one ubatch each: 30 sites, then 3
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "f16"])
+def test_captured_ffn_norm_is_the_rounding_of_the_raw_value(models, fmt):
+    model = models["smollm2-f32"]
+    capture = Capture(r"ffn_norm-\d+(\.raw)?")
+    ctx = model.context(N_CTX, tensor_hook=capture)
+    tokens = model.tokenize(TEXT)[:N_CTX]
+    try:
+        ctx.logits(tokens)
+        baseline = dict(capture.tensors)
+        capture.tensors.clear()
+        ctx.set_fake_quant([FakeQuantRule("ffn_norm", fmt, "3,7")])
+        ctx.logits(tokens)
+    finally:
+        ctx.close()
+    got = capture.tensors
+    assert sorted(n for n in got if n.endswith(".raw")) == ["ffn_norm-3.raw", "ffn_norm-7.raw"]
+    for il in (3, 7):
+        rounded, raw = got[f"ffn_norm-{il}"], got[f"ffn_norm-{il}.raw"]
+        assert representable(rounded, fmt).all()
+        np.testing.assert_array_equal(bits(rounded), bits(fake_quantize(raw, fmt)))
+        assert not representable(raw, fmt).all(), "the raw value should need rounding"
+    for il in (0, 1, 2, 3):  # upstream of the first rounding: bit-identical to the baseline
+        key = f"ffn_norm-{il}" if il < 3 else "ffn_norm-3.raw"
+        np.testing.assert_array_equal(bits(got[key]), bits(baseline[f"ffn_norm-{il}"]))
+    for il in (4, 5, 29):  # unselected layers are not rounded
+        assert not representable(got[f"ffn_norm-{il}"], fmt).all()
+
+
+def test_masking_trap_f16_weights(pairs):
+    """F16 weights: the matmul rounds activations to F16 itself, so f16 fake quantization of
+    ffn_norm changes nothing at all, while bf16 (coarser) does."""
+    pair = pairs("smollm2-f16")
+    np.testing.assert_array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "f16")])), bits(pair.baseline))
+    assert not np.array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "bf16")])), bits(pair.baseline))
+
+
+def test_thread_count_does_not_change_bits(models):
+    model = models["smollm2-q4_1"]
+    tokens = model.tokenize(TEXT)[:N_CTX]
+    results = []
+    for threads in (1, 2):
+        ctx = model.context(N_CTX, threads=threads)
+        ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+        results.append(ctx.logits(tokens))
+        ctx.close()
+    np.testing.assert_array_equal(bits(results[0]), bits(results[1]))
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    (FakeQuantRule("ffn_norm", "fp4"), "unknown fake-quant format 'fp4' (allowed: bf16, f16, q8_0)"),
+    (FakeQuantRule("ffn_norm", ""), "unknown fake-quant format ''"),
+    (FakeQuantRule("ffn_norm", "bf16", "30"), "the model has 30 layers (0-29)"),
+    (FakeQuantRule("ffn_norm", "bf16", "0-30"), "layer 30 in spec '0-30' is out of range"),
+    (FakeQuantRule("ffn_norm", "bf16", "5-2"), "malformed fake-quant layer spec '5-2'"),
+    (FakeQuantRule("ffn_norm", "bf16", "1,,2"), "malformed fake-quant layer spec '1,,2'"),
+    (FakeQuantRule("ffn_norm", "bf16", "x"), "malformed fake-quant layer spec 'x'"),
+    (FakeQuantRule("ffn_norm", "bf16", "-2"), "malformed fake-quant layer spec '-2'"),
+    (FakeQuantRule("ffn_norm", "bf16", ""), "empty fake-quant layer spec"),
+    (FakeQuantRule("ffn_norm", "bf16", "-1", 1.5), "fake-quant scale 1.5 is out of range (allowed: 0.0 to 1.0)"),
+    (FakeQuantRule("ffn_norm", "bf16", "-1", -0.1), "fake-quant scale -0.1 is out of range"),
+    (FakeQuantRule("ffn_norm", "bf16", "-1", math.nan), "fake-quant scale nan is out of range"),
+    (FakeQuantRule("no_such_tensor", "bf16"), "fake-quant target 'no_such_tensor' matches no F32 tensor"),
+    (FakeQuantRule("result_output", "bf16", "3"), "'result_output' matches no F32 tensor of layer 3"),
+    (FakeQuantRule("", "bf16"), "empty fake-quant target"),
+])
+def test_bad_settings_are_rejected_and_leave_the_context_clean(pairs, rule, message):
+    pair = pairs("smollm2-q4_1")
+    with pytest.raises(FakeQuantError) as info:
+        pair.native.set_fake_quant([FakeQuantRule("ffn_norm", "bf16"), rule])
+    assert message in str(info.value)
+    assert pair.native.rules == ()
+    np.testing.assert_array_equal(bits(pair.native.logits(pair.tokens)), bits(pair.baseline))

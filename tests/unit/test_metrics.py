@@ -1,0 +1,410 @@
+"""Unit tests for harness.metrics: token statistics, summaries, bootstrap CIs, verdicts."""
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from harness.metrics import (
+    TokenStats,
+    Verdict,
+    decide,
+    generation_match,
+    mean_ci,
+    paired_bootstrap_ci,
+    summarize,
+    token_stats,
+)
+
+SETTINGS = settings(derandomize=True, deadline=None, max_examples=200)
+
+
+def random_logits(rng, n, v, scale=3.0):
+    return (rng.standard_normal((n, v)) * scale).astype(np.float32)
+
+
+def reference_stats(base, test, targets):
+    """Direct float64 computation, one row at a time, written differently from the module."""
+    kld, nll_b, nll_t, dp = [], [], [], []
+    for b, t, y in zip(base.astype(np.float64), test.astype(np.float64), targets):
+        p = np.exp(b) / np.exp(b).sum()
+        q = np.exp(t) / np.exp(t).sum()
+        kld.append(float(np.sum(p * np.log(p / q))))
+        nll_b.append(-math.log(p[y]))
+        nll_t.append(-math.log(q[y]))
+        dp.append(q[y] - p[y])
+    return np.array(kld), np.array(nll_b), np.array(nll_t), np.array(dp)
+
+
+logit_pairs = st.tuples(st.integers(1, 6), st.integers(2, 12)).flatmap(
+    lambda shape: st.tuples(
+        hnp.arrays(np.float32, shape, elements=st.floats(-30, 30, width=32)),
+        hnp.arrays(np.float32, shape, elements=st.floats(-30, 30, width=32)),
+        hnp.arrays(np.int64, shape[0], elements=st.integers(0, shape[1] - 1)),
+    )
+)
+
+
+# --- token_stats -----------------------------------------------------------------------
+
+
+def test_identical_logits_give_exactly_zero_kld_and_full_agreement():
+    rng = np.random.default_rng(1)
+    logits = random_logits(rng, 40, 50)
+    targets = rng.integers(0, 50, 40)
+    s = token_stats(logits, logits.copy(), targets)
+    assert np.all(s.kld == 0.0)
+    assert s.top1.dtype == bool and s.top1.all()
+    assert np.array_equal(s.nll_base, s.nll_test)
+    assert np.all(s.dp == 0.0)
+
+
+def test_matches_direct_float64_computation():
+    rng = np.random.default_rng(2)
+    base = random_logits(rng, 30, 20)
+    test = base + random_logits(rng, 30, 20, scale=0.5)
+    targets = rng.integers(0, 20, 30)
+    s = token_stats(base, test, targets)
+    kld, nll_b, nll_t, dp = reference_stats(base, test, targets)
+    for got, want in [(s.kld, kld), (s.nll_base, nll_b), (s.nll_test, nll_t), (s.dp, dp)]:
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-13)
+    assert np.array_equal(s.top1, base.argmax(1) == test.argmax(1))
+    assert 0 < s.top1.sum() < 30  # the comparison is not vacuous
+
+
+def test_hand_example_two_token_vocab():
+    base = np.array([[0.0, 0.0]], dtype=np.float32)
+    test = np.array([[0.0, 1.0]], dtype=np.float32)
+    s = token_stats(base, test, np.array([0]))
+    q0, q1 = 1 / (math.e + 1), math.e / (math.e + 1)
+    assert s.kld[0] == pytest.approx(0.5 * math.log(0.5 / q0) + 0.5 * math.log(0.5 / q1), rel=1e-14)
+    assert s.nll_base[0] == pytest.approx(math.log(2), rel=1e-14)
+    assert s.nll_test[0] == pytest.approx(math.log(math.e + 1), rel=1e-14)
+    assert s.dp[0] == pytest.approx(q0 - 0.5, rel=1e-12)
+    assert not s.top1[0]  # base tie resolves to index 0, test argmax is 1
+
+
+def test_top1_ties_resolve_to_first_index():
+    base = np.array([[2.0, 2.0, 1.0], [1.0, 3.0, 3.0]], dtype=np.float32)
+    test = np.array([[2.0, 1.5, 2.0], [1.0, 2.0, 3.0]], dtype=np.float32)
+    s = token_stats(base, test, np.array([0, 0]))
+    assert s.top1.tolist() == [True, False]
+
+
+@SETTINGS
+@given(logit_pairs)
+def test_kld_is_nonnegative(data):
+    base, test, targets = data
+    s = token_stats(base, test, targets)
+    assert np.all(np.isfinite(s.kld))
+    assert np.all(s.kld >= -1e-12)  # only float64 rounding may dip below zero
+    assert np.all((s.nll_base >= 0) & (s.nll_test >= 0))
+    assert np.all(np.abs(s.dp) <= 1)
+
+
+@SETTINGS
+@given(logit_pairs, st.floats(-50, 50))
+def test_kld_invariant_to_row_constant(data, c):
+    base, test, targets = data
+    s0 = token_stats(base, test, targets)
+    shifted = (test.astype(np.float64) + c).astype(np.float32)
+    s1 = token_stats(base, shifted, targets)
+    # float32 rounding of the shifted logits perturbs them by <= ~4e-6 each
+    np.testing.assert_allclose(s1.kld, s0.kld, atol=2e-5)
+    np.testing.assert_allclose(s1.nll_test, s0.nll_test, atol=2e-5)
+
+
+def test_kld_exactly_invariant_to_exact_row_shift():
+    rng = np.random.default_rng(3)
+    # small dyadic values: adding an integer is exact in float32
+    base = (rng.integers(-256, 256, (8, 16)) / 32).astype(np.float32)
+    test = (rng.integers(-256, 256, (8, 16)) / 32).astype(np.float32)
+    targets = rng.integers(0, 16, 8)
+    shifts = rng.integers(-100, 100, (8, 1)).astype(np.float32)
+    s0 = token_stats(base, test, targets)
+    s1 = token_stats(base + shifts, test - 2 * shifts, targets)
+    for f in ("kld", "top1", "nll_base", "nll_test", "dp"):
+        assert np.array_equal(getattr(s0, f), getattr(s1, f)), f
+
+
+def test_uniform_logits_have_perplexity_n_vocab():
+    n, v = 64, 1000
+    logits = np.full((n, v), 1.25, dtype=np.float32)
+    targets = np.arange(n) % v
+    summary = summarize(token_stats(logits, logits, targets))
+    assert summary["ppl_base"] == pytest.approx(v, rel=1e-12)
+    assert summary["ppl_test"] == pytest.approx(v, rel=1e-12)
+    assert summary["ppl_ratio"] == 1.0 and summary["kld_max"] == 0.0
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 256])
+def test_block_processing_matches_one_shot(block_rows):
+    rng = np.random.default_rng(4)
+    n, v = 50, 33
+    base = random_logits(rng, n, v)
+    test = base + random_logits(rng, n, v, scale=0.3)
+    targets = rng.integers(0, v, n)
+    one_shot = token_stats(base, test, targets, block_rows=n)
+    blocked = token_stats(base, test, targets, block_rows=block_rows)
+    for f in ("kld", "top1", "nll_base", "nll_test", "dp"):
+        assert np.array_equal(getattr(one_shot, f), getattr(blocked, f)), f
+
+
+def test_blocked_float64_temporaries_stay_bounded():
+    rng = np.random.default_rng(5)
+    n, v = 1024, 2048  # one-shot float64 copy of one side alone would be 16 MiB
+    base = random_logits(rng, n, v)
+    test = random_logits(rng, n, v)
+    targets = rng.integers(0, v, n)
+    tracemalloc.start()
+    try:
+        token_stats(base, test, targets, block_rows=64)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
+
+
+def test_concat_preserves_order_and_handles_empty():
+    rng = np.random.default_rng(6)
+    base, test = random_logits(rng, 10, 7), random_logits(rng, 10, 7)
+    targets = rng.integers(0, 7, 10)
+    whole = token_stats(base, test, targets)
+    parts = [token_stats(base[i : i + 4], test[i : i + 4], targets[i : i + 4]) for i in range(0, 10, 4)]
+    joined = TokenStats.concat(parts)
+    assert np.array_equal(joined.kld, whole.kld) and np.array_equal(joined.dp, whole.dp)
+    empty = TokenStats.concat([])
+    assert len(empty) == 0 and empty.top1.dtype == bool
+
+
+@pytest.mark.parametrize(
+    "base_shape, test_shape, targets",
+    [
+        ((3, 4), (3, 5), [0, 1, 2]),
+        ((3, 4), (3, 4), [0, 1]),
+        ((3, 4), (3, 4), [0, 1, 4]),
+        ((3, 4), (3, 4), [0, -1, 2]),
+        ((3, 4), (3, 4), [0.0, 1.0, 2.0]),
+    ],
+)
+def test_rejects_bad_input(base_shape, test_shape, targets):
+    with pytest.raises(ValueError):
+        token_stats(np.zeros(base_shape, np.float32), np.zeros(test_shape, np.float32), np.array(targets))
+
+
+def test_rejects_non_finite_logits():
+    logits = np.zeros((2, 3), np.float32)
+    bad = logits.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        token_stats(logits, bad, np.array([0, 1]))
+
+
+# --- summarize ---------------------------------------------------------------------------
+
+
+def test_summarize_hand_example():
+    stats = TokenStats(
+        kld=np.array([0.0, 1.0, 2.0, 3.0, 4.0]),
+        top1=np.array([True, True, False, True, False]),
+        nll_base=np.array([1.0, 1.0, 1.0, 1.0, 1.0]),
+        nll_test=np.array([1.0, 2.0, 1.0, 2.0, 1.5]),
+        dp=np.array([0.1, -0.2, 0.0, 0.3, -0.2]),
+    )
+    s = summarize(stats)
+    expected = {
+        "n_tokens": 5,
+        "kld_mean": 2.0,
+        "kld_max": 4.0,
+        "kld_p99_9": 3.996,
+        "kld_p99": 3.96,
+        "kld_p95": 3.8,
+        "kld_p90": 3.6,
+        "kld_median": 2.0,
+        "top1_agreement": 0.6,
+        "ppl_base": math.e,
+        "ppl_test": math.exp(1.5),
+        "ln_ppl_ratio": 0.5,
+        "ppl_ratio": math.exp(0.5),
+        "dp_mean": 0.0,
+        "dp_rms": math.sqrt(0.18 / 5),
+    }
+    assert set(s) == set(expected)
+    for key, want in expected.items():
+        assert s[key] == pytest.approx(want, rel=1e-12, abs=1e-15), key
+    assert type(s["n_tokens"]) is int
+    assert all(type(v) is float for k, v in s.items() if k != "n_tokens")
+
+
+def test_summarize_rejects_empty():
+    with pytest.raises(ValueError):
+        summarize(TokenStats.concat([]))
+
+
+# --- bootstrap -----------------------------------------------------------------------------
+
+
+def naive_block_bootstrap(d, n_resamples, confidence, seed, block):
+    """Explicit gather of the moving-block resamples, for comparison."""
+    n = len(d)
+    k = -(-n // block)
+    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(n_resamples, k))
+    idx = (starts[:, :, None] + np.arange(block)).reshape(n_resamples, -1)[:, :n]
+    means = d[idx].mean(axis=1)
+    alpha = 1 - confidence
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return d.mean(), lo, hi
+
+
+@pytest.mark.parametrize("n, block", [(1, 1), (37, 1), (37, 5), (40, 8), (37, 37)])
+def test_bootstrap_matches_explicit_resampling(n, block):
+    d = np.random.default_rng(7).exponential(size=n)
+    got = mean_ci(d, n_resamples=300, confidence=0.9, seed=11, block=block)
+    want = naive_block_bootstrap(d, 300, 0.9, 11, block)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_bootstrap_is_deterministic_per_seed():
+    d = np.random.default_rng(8).standard_normal(500)
+    assert mean_ci(d, seed=3) == mean_ci(d, seed=3)
+    assert mean_ci(d, seed=3, block=10) == mean_ci(d, seed=3, block=10)
+    assert mean_ci(d, seed=3) != mean_ci(d, seed=4)
+
+
+def test_paired_is_mean_of_differences():
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal(300), rng.standard_normal(300)
+    est, lo, hi = paired_bootstrap_ci(a, b, seed=1)
+    assert (est, lo, hi) == mean_ci(a - b, seed=1)
+    assert est == pytest.approx(np.mean(a - b), abs=1e-15)
+    assert lo < est < hi
+
+
+def test_ci_contains_true_mean_of_large_sample():
+    # a fixed sample (its mean lies 0.7 standard errors from 3.0); coverage over
+    # many samples is checked in test_ci_coverage_is_near_nominal
+    d = np.random.default_rng(15).normal(3.0, 2.0, 10_000)
+    est, lo, hi = mean_ci(d)
+    assert lo < 3.0 < hi
+    # percentile CI width close to 2 * 1.96 * sigma / sqrt(n)
+    assert hi - lo == pytest.approx(2 * 1.96 * 2.0 / 100, rel=0.1)
+
+
+def test_ci_coverage_is_near_nominal():
+    rng = np.random.default_rng(11)
+    hits = 0
+    for i in range(200):
+        d = rng.exponential(1.0, 400)
+        _, lo, hi = mean_ci(d, n_resamples=500, confidence=0.9, seed=i)
+        hits += lo < 1.0 < hi
+    assert 0.82 <= hits / 200 <= 0.96
+
+
+def test_ci_width_shrinks_with_n():
+    rng = np.random.default_rng(12)
+    widths = []
+    for n in (100, 1_000, 10_000):
+        _, lo, hi = mean_ci(rng.standard_normal(n))
+        widths.append(hi - lo)
+    assert widths[0] > 2 * widths[1] > 4 * widths[2]
+
+
+def test_block_bootstrap_widens_ci_on_autocorrelated_data():
+    rng = np.random.default_rng(13)
+    n, phi = 10_000, 0.95
+    noise = rng.standard_normal(n)
+    x = np.empty(n)
+    x[0] = noise[0]
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + noise[i]
+    _, lo1, hi1 = mean_ci(x, block=1)
+    _, lo50, hi50 = mean_ci(x, block=100)
+    assert hi50 - lo50 > 3 * (hi1 - lo1)  # theory: sqrt((1+phi)/(1-phi)) ~ 6.2
+    # on iid data blocking changes little
+    iid = rng.standard_normal(n)
+    _, a_lo, a_hi = mean_ci(iid, block=1)
+    _, b_lo, b_hi = mean_ci(iid, block=100)
+    assert (b_hi - b_lo) == pytest.approx(a_hi - a_lo, rel=0.25)
+
+
+def test_bootstrap_memory_is_bounded():
+    d = np.random.default_rng(14).standard_normal(10_000)
+    tracemalloc.start()
+    try:
+        mean_ci(d, n_resamples=2000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"block": 0},
+        {"block": 11},
+        {"n_resamples": 0},
+        {"confidence": 1.0},
+        {"confidence": 0.0},
+    ],
+)
+def test_bootstrap_rejects_bad_arguments(kw):
+    with pytest.raises(ValueError):
+        mean_ci(np.arange(10.0), **kw)
+
+
+def test_bootstrap_rejects_empty_and_mismatched():
+    with pytest.raises(ValueError):
+        mean_ci(np.array([]))
+    with pytest.raises(ValueError):
+        paired_bootstrap_ci(np.zeros(3), np.zeros(4))
+
+
+# --- decide / generation_match --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "lo, hi, verdict",
+    [
+        (0.1, 0.5, "holds"),
+        (1e-300, 1e-300, "holds"),
+        (-0.5, -0.1, "refuted"),
+        (-0.1, 0.1, "inconclusive"),
+        (0.0, 0.3, "inconclusive"),
+        (-0.3, 0.0, "inconclusive"),
+        (0.0, 0.0, "inconclusive"),
+        (float("nan"), float("nan"), "inconclusive"),
+    ],
+)
+def test_decide_table(lo, hi, verdict):
+    got = decide(lo, hi)
+    assert got == verdict and isinstance(got, Verdict)
+
+
+def test_decide_rejects_inverted_interval():
+    with pytest.raises(ValueError):
+        decide(1.0, -1.0)
+
+
+@pytest.mark.parametrize(
+    "base, test, first, rate",
+    [
+        ([], [], None, 1.0),
+        ([1, 2, 3], [1, 2, 3], None, 1.0),
+        ([1, 2, 3], [1, 9, 3], 1, 2 / 3),
+        ([1, 2, 3], [4, 5, 6], 0, 0.0),
+        ([1, 2, 3, 4], [1, 2], 2, 0.5),
+        ([], [7], 0, 0.0),
+        ((5, 6), [5, 6], None, 1.0),
+    ],
+)
+def test_generation_match(base, test, first, rate):
+    got = generation_match(base, test)
+    assert got["first_divergence"] == first
+    assert got["match_rate"] == pytest.approx(rate)
+    assert generation_match(test, base) == got
