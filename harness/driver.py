@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,12 @@ class Model:
             out += buf.raw[:max(n, 0)]
         return out.decode(errors="replace")
 
+    @property
+    def bos(self) -> int | None:
+        """The BOS token when the model's tokenizer adds one, else None."""
+        llama = _llama
+        return int(llama.llama_vocab_bos(self.vocab)) if llama.llama_vocab_get_add_bos(self.vocab) else None
+
     def is_eog(self, token: int) -> bool:
         return bool(_llama.llama_vocab_is_eog(self.vocab, token))
 
@@ -190,6 +197,7 @@ class Context:
         self.memory = llama.llama_get_memory(self.ptr)
         self.batch = llama.llama_batch_init(n_ctx, 0, 1)
         self.rules: tuple[FakeQuantRule, ...] = ()
+        self.compute_seconds = 0.0  # wall time spent inside llama_decode
 
     @staticmethod
     def _make_callback(hook: TensorHook):
@@ -238,7 +246,8 @@ class Context:
 
     # evaluation -------------------------------------------------------------------------
 
-    def _decode(self, tokens: Sequence[int], start: int, all_logits: bool) -> None:
+    def _decode(self, tokens: Sequence[int], start: int, first_output: int) -> None:
+        """Decode `tokens` at positions start.. with logits for batch rows first_output.."""
         llama = _llama
         batch = self.batch
         n = len(tokens)
@@ -249,18 +258,21 @@ class Context:
             batch.pos[i] = start + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = all_logits or i == n - 1
+            batch.logits[i] = i >= first_output
         batch.n_tokens = n
+        started = time.perf_counter()
         rc = llama.llama_decode(self.ptr, batch)
+        self.compute_seconds += time.perf_counter() - started
         if rc != 0:
             raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Fresh sequence: float32 logits [len(tokens), n_vocab] for every position."""
+    def logits(self, tokens: Sequence[int], first: int = 0) -> np.ndarray:
+        """Fresh sequence: float32 logits [len(tokens) - first, n_vocab] of positions first..
+        (only those are computed through the output layer)."""
         _llama.llama_memory_clear(self.memory, True)
-        self._decode(tokens, 0, all_logits=True)
+        self._decode(tokens, 0, first)
         ptr = _llama.llama_get_logits(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens), self.model.n_vocab)).copy()
+        return np.ctypeslib.as_array(ptr, shape=(len(tokens) - first, self.model.n_vocab)).copy()
 
     def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
         """Greedy continuation (seed None) or seeded sampling with llama-completion's default
@@ -276,7 +288,7 @@ class Context:
                 llama.llama_sampler_chain_add(chain, s)
         out: list[int] = []
         try:
-            self._decode(prompt, 0, all_logits=False)
+            self._decode(prompt, 0, len(prompt) - 1)
             pos = len(prompt)
             for _ in range(n_predict):
                 if chain is None:
@@ -287,7 +299,7 @@ class Context:
                 if self.model.is_eog(tok):
                     break
                 out.append(tok)
-                self._decode([tok], pos, all_logits=False)
+                self._decode([tok], pos, 0)
                 pos += 1
         finally:
             if chain is not None:

@@ -95,7 +95,20 @@ def _user(path: Path) -> ModelFile:
     return ModelFile(path.stem, path.resolve(), known[key])
 
 
-def get_model(name: str, build: Build) -> ModelFile:
+def layer_count(name: str) -> int:
+    """The layer count of a user model, read from its GGUF metadata (no build needed)."""
+    from gguf import GGUFReader
+
+    path = get_model(name, None).path
+    reader = GGUFReader(path)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    field = reader.fields.get(f"{arch}.block_count")
+    if field is None:
+        raise HarnessError(f"{path}: no {arch}.block_count in its metadata")
+    return int(field.parts[-1][0])
+
+
+def get_model(name: str, build: Build | None) -> ModelFile:
     """Resolve a model name (see NAMES), a path to a .gguf file, or `user` for `$FQ_MODEL`."""
     if name == "user":
         env = os.environ.get(USER_MODEL_ENV)
@@ -106,6 +119,8 @@ def get_model(name: str, build: Build) -> ModelFile:
         return _user(Path(name))
     if name in SHIPPED:
         return _shipped(name)
-    if name in DERIVED:
+    if name in DERIVED and build is not None:
         return _derived(name, build)
+    if name in DERIVED:
+        raise HarnessError(f"model '{name}' is derived with the patched llama-quantize: build first")
     raise HarnessError(f"unknown model '{name}' (allowed: {', '.join(NAMES)}, user, or a path to a .gguf file)")

@@ -33,7 +33,12 @@ class ReferenceFakeQuant:
     """A tensor hook that rounds the tensors the rules select, in place, and counts them."""
 
     def __init__(self, rules: Sequence[FakeQuantRule], n_layer: int) -> None:
-        self.rules = [(r, parse_layers(r.layers, n_layer)) for r in rules]
+        self.n_layer = n_layer
+        self.set_rules(rules)
+
+    def set_rules(self, rules: Sequence[FakeQuantRule]) -> None:
+        """Replace the rules (empty: the hook wants nothing) and reset the count."""
+        self.rules = [(r, parse_layers(r.layers, self.n_layer)) for r in rules]
         self.applied = 0
 
     def _rule(self, name: str) -> FakeQuantRule | None:
