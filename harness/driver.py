@@ -266,13 +266,15 @@ class Context:
         if rc != 0:
             raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
 
-    def logits(self, tokens: Sequence[int], first: int = 0) -> np.ndarray:
+    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True) -> np.ndarray:
         """Fresh sequence: float32 logits [len(tokens) - first, n_vocab] of positions first..
-        (only those are computed through the output layer)."""
+        (only those are computed through the output layer). copy=False returns a view of
+        libllama's buffer, valid until the next decode on this context."""
         _llama.llama_memory_clear(self.memory, True)
         self._decode(tokens, 0, first)
         ptr = _llama.llama_get_logits(self.ptr)
-        return np.ctypeslib.as_array(ptr, shape=(len(tokens) - first, self.model.n_vocab)).copy()
+        view = np.ctypeslib.as_array(ptr, shape=(len(tokens) - first, self.model.n_vocab))
+        return view.copy() if copy else view
 
     def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
         """Greedy continuation (seed None) or seeded sampling with llama-completion's default

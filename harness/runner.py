@@ -18,7 +18,7 @@ import numpy as np
 
 from harness import matrix
 from harness.build import Build
-from harness.cache import cache_root, progress, publish
+from harness.cache import cache_root, locked, progress, publish
 from harness.corpus import GENERATION_PROMPTS, SEEDED_PROMPT, Corpus, arithmetic_tasks, load_corpus, text_tasks
 from harness.driver import Context, Model
 from harness.metrics import TokenStats, generation_match, mean_ci, summarize, token_stats
@@ -32,10 +32,11 @@ TOKEN_ARRAYS = ("kld", "top1", "nll_base", "nll_test", "dp")
 
 
 def _code_version() -> str:
-    """Results depend on the harness code too: hash its sources."""
+    """Results depend on the code that computes them too: hash those sources (the group
+    definitions and matrix constants enter the key as values)."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.read_bytes())
+    for name in ("runner.py", "metrics.py", "corpus.py", "driver.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -66,7 +67,9 @@ class ModelSession:
     @cached_property
     def key(self) -> dict[str, str]:
         return {"model": self.file.sha256, "build": self.build.fingerprint["key"], "corpus": self.corpus.sha256,
-                "code": _code_version(), "n_ctx": str(matrix.N_CTX)}
+                "code": _code_version(), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
+                "numerics_tokens": str(NUMERICS_TOKENS), "generation": f"{matrix.GENERATION_TOKENS}/{matrix.SEED}",
+                "block": str(matrix.BOOTSTRAP_BLOCK)}
 
     @cached_property
     def chunks(self) -> list[list[int]]:
@@ -115,9 +118,9 @@ class ModelSession:
 
         return publish(final, make)
 
-    def _scored_logits(self, chunk: list[int]) -> np.ndarray:
+    def _scored_logits(self, chunk: list[int], copy: bool = True) -> np.ndarray:
         """Logits of the scored positions SCORED_FROM..N_CTX-2 (each predicts the next token)."""
-        return self.ctx.logits(chunk, first=matrix.SCORED_FROM)[:-1]
+        return self.ctx.logits(chunk, first=matrix.SCORED_FROM, copy=copy)[:-1]
 
     # one group ------------------------------------------------------------------------------
 
@@ -131,16 +134,16 @@ class ModelSession:
     def run(self, group_id: str) -> tuple[dict, dict[str, np.ndarray]]:
         """The group's results record and per-token arrays (cached on disk)."""
         json_path, npz_path = self.result_paths(group_id)
-        if not json_path.exists():
-            baseline = None if group_id == "baseline" else self.run("baseline")[0]
-            record, arrays = self._measure(self.groups[group_id], baseline)
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = npz_path.with_name(npz_path.stem + f".{id(self)}.tmp.npz")
-            np.savez(tmp, **arrays)
-            tmp.replace(npz_path)
-            tmp = json_path.with_name(json_path.name + f".{id(self)}.tmp")
-            tmp.write_text(json.dumps(record, indent=1))
-            tmp.replace(json_path)
+        baseline = None if group_id == "baseline" or json_path.exists() else self.run("baseline")[0]
+        with locked(json_path):  # another worker may be measuring this very group: wait for it
+            if not json_path.exists():
+                record, arrays = self._measure(self.groups[group_id], baseline)
+                tmp = npz_path.with_name(npz_path.stem + ".tmp.npz")
+                np.savez(tmp, **arrays)
+                tmp.replace(npz_path)
+                tmp = json_path.with_name(json_path.name + ".tmp")
+                tmp.write_text(json.dumps(record, indent=1, ensure_ascii=False))
+                tmp.replace(json_path)  # written last: its presence means the pair is complete
         with np.load(npz_path) as data:
             arrays = {k: data[k] for k in data.files}
         return json.loads(json_path.read_text()), arrays
@@ -154,7 +157,7 @@ class ModelSession:
         parts = []
         for i, chunk in enumerate(self.chunks[:group.chunks]):
             progress(f"{self.name}: {group.id} chunk {i + 1}/{group.chunks}")
-            test = self._scored_logits(chunk)
+            test = self._scored_logits(chunk, copy=False)  # consumed before the next decode
             sites = self.ctx.fake_quant_sites
             base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
             parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
