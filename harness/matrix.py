@@ -50,6 +50,11 @@ def ffn(fmt: str = "bf16", layers: str = "-1", scale: float = 1.0) -> FakeQuantR
 
 
 LOGITS = FakeQuantRule("result_output", "bf16")
+SCALES = (0.25, 0.5)  # the dose-response sweep; scale 0 is the baseline, 1.0 is `all`
+
+
+def scale_id(scale: float) -> str:
+    return f"scale{round(scale * 100):03d}"
 
 
 def groups(n_layer: int) -> tuple[Group, ...]:
@@ -64,9 +69,9 @@ def groups(n_layer: int) -> tuple[Group, ...]:
         Group("all_f16", "design", "ffn_norm f16, all layers", (ffn("f16"),)),
         Group("logits", "control", "logits bf16 only", (LOGITS,)),
     ]
-    table += [Group(f"scale{int(s * 100):03d}", "scale", f"ffn_norm bf16 all layers, scale {s}",
+    table += [Group(scale_id(s), "scale", f"ffn_norm bf16 all layers, scale {s}",
                     (ffn(scale=s),), chunks=SWEEP_CHUNKS, generation=False, numerics=False)
-              for s in (0.25, 0.5)]  # scale 0 is baseline, 1.0 is `all` (its first SWEEP_CHUNKS chunks)
+              for s in SCALES]
     table += [Group(f"layer{il:02d}", "sweep", f"ffn_norm bf16, layer {il} alone", (ffn(layers=str(il)),),
                     chunks=SWEEP_CHUNKS, generation=False, numerics=False)
               for il in range(n_layer)]

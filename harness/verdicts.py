@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import matrix
-from harness.metrics import Verdict, decide, paired_bootstrap_ci
+from harness.metrics import Verdict, decide, mean_ci, paired_bootstrap_ci
 
 RESULTS_ENV = "FQ_RESULTS"
 DEFAULT_RESULTS = Path("report") / "results.json"
@@ -72,6 +72,20 @@ def figures(verdict: dict) -> str:
                      f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}] {c['verdict']}" for c in verdict["comparisons"])
 
 
+def dose_response(data: GroupData) -> list[dict]:
+    """Mean KLD (95 % CI) against the scale of ffn_norm bf16 fake quantization on the sweep
+    slice: 0 is the baseline, 1 the `all` group restricted to the same tokens."""
+    points = [{"scale": 0.0, "kld_ci": [0.0, 0.0, 0.0]}]
+    n = None
+    for scale in matrix.SCALES:
+        record, arrays = data(matrix.scale_id(scale))
+        n = len(arrays["kld"])
+        points.append({"scale": record["scale"], "kld_ci": record["tokens"]["kld_ci"]})
+    full = data("all")[1]["kld"][:n]
+    points.append({"scale": 1.0, "kld_ci": list(mean_ci(full, block=matrix.BOOTSTRAP_BLOCK))})
+    return points
+
+
 def results_path() -> Path:
     return Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
 
@@ -79,7 +93,7 @@ def results_path() -> Path:
 def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict, started: float) -> Path:
     """Assemble every group of every model (from the runner's cache) and the verdicts into
     the results file the report reads."""
-    groups, verdicts, models = [], [], {}
+    groups, verdicts, models, dose = [], [], {}, {}
     for name, session in sessions.items():
         models[name] = {"path": str(session.file.path), "sha256": session.file.sha256,
                         "n_layer": session.model.n_layer, "n_embd": session.model.n_embd,
@@ -87,6 +101,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
         for group_id in session.groups:
             groups.append(session.run(group_id)[0])
         verdicts += [evaluate(h, name, session.run) for h in matrix.HYPOTHESES]
+        dose[name] = dose_response(session.run)
     compute = sum(g["timing"]["compute_s"] for g in groups)
     wall = sum(g["timing"]["wall_s"] for g in groups)
     results = {
@@ -99,7 +114,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
             "run_seconds": round(time.time() - started, 1),
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
-        "models": models, "groups": groups, "verdicts": verdicts,
+        "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose,
     }
     path = results_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,270 @@
+"""Benchmark: what native fake quantization costs in speed and memory, against "off" and the
+numpy reference (eval callback).
+
+Speed: every configuration gets its own context on the same model, so switching never
+re-reserves inside a timed call. Rounds are interleaved (one round = every configuration once,
+in an order rotated per round so no configuration always runs first), after one uncounted
+warm-up round; each configuration's time is divided by "off"'s time of the same round, which
+cancels the drift of a busy machine, and the median of those paired ratios is the overhead.
+
+Prompt processing computes logits for every row of the batch (first=0), the suite's own
+workload (per-position KL and perplexity), so "ffn_norm+logits" rounds a full [pp, vocab]
+tensor: its worst case. Generation is greedy from a short prompt (its decode is included).
+
+Memory: each configuration runs once more in a fresh interpreter, which reports libllama's
+compute-buffer size (from its log) and its peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from harness import driver
+from harness.build import Build, build
+from harness.cache import HarnessError, progress
+from harness.corpus import load_corpus
+from harness.driver import Context, FakeQuantRule, Model
+from harness.models import get_model
+from harness.reference import ReferenceFakeQuant
+
+TARGET_OVERHEAD_PCT = 1.0  # for the native configurations
+TG_PROMPT = "Once upon a time, in a small village by the sea,"
+FFN = FakeQuantRule("ffn_norm", "bf16")
+LOGITS = FakeQuantRule("result_output", "bf16")
+# name -> (rules, applied by the numpy reference hook instead of the native graph nodes)
+CONFIGS: dict[str, tuple[tuple[FakeQuantRule, ...], bool]] = {
+    "off": ((), False),
+    "ffn_norm": ((FFN,), False),
+    "ffn_norm+logits": ((FFN, LOGITS), False),
+    "reference": ((FFN,), True),
+}
+NATIVE_ON = ("ffn_norm", "ffn_norm+logits")
+PHASES = ("pp", "tg")
+_BUFFER_LINE = re.compile(r"CPU compute buffer size =\s*([0-9.]+) MiB")
+
+
+def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, float]:
+    """Median and spread of time/base paired by round, and the overhead of the median ratio."""
+    if not times or len(times) != len(base):
+        raise ValueError(f"need equally many samples, got {len(times)} and {len(base)}")
+    ratios = [t / b for t, b in zip(times, base)]
+    median = statistics.median(ratios)
+    return {"median": median, "min": min(ratios), "max": max(ratios), "overhead_pct": (median - 1) * 100}
+
+
+def compute_buffer_mib() -> float:
+    """The compute-buffer size libllama logged last (at context creation or re-reserve)."""
+    for line in reversed(driver._log_lines):
+        if m := _BUFFER_LINE.search(line):
+            return float(m[1])
+    raise HarnessError("libllama logged no 'CPU compute buffer size' line")
+
+
+def make_context(model: Model, config: str, n_ctx: int, threads: int) -> tuple[Context, ReferenceFakeQuant | None]:
+    rules, reference = CONFIGS[config]
+    hook = ReferenceFakeQuant(rules, model.n_layer) if reference else None
+    ctx = model.context(n_ctx, threads, tensor_hook=hook)
+    if rules and not reference:
+        ctx.set_fake_quant(rules)
+    return ctx, hook
+
+
+def _child() -> None:
+    """Run in a fresh interpreter: one configuration, one prompt batch, then report memory."""
+    spec = json.load(sys.stdin)
+    model = Model(Path(spec["model"]), build())
+    ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
+    mib = compute_buffer_mib()
+    ctx.logits(spec["tokens"], copy=False)
+    print(json.dumps({"compute_buffer_mib": mib,
+                      "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+
+
+def _memory(model_path: Path, config: str, n_ctx: int, threads: int, tokens: list[int]) -> dict[str, float]:
+    spec = {"model": str(model_path), "config": config, "n_ctx": n_ctx, "threads": threads, "tokens": tokens}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
+                          input=json.dumps(spec), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise HarnessError(f"memory run of {config} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_tokens: int) -> dict[str, float]:
+    """Wall and in-decode seconds per token of one prompt batch or one greedy generation."""
+    compute0 = ctx.compute_seconds
+    started = time.perf_counter()
+    if phase == "pp":
+        ctx.logits(pp, first=0, copy=False)
+        n = len(pp)
+    else:
+        n = len(ctx.generate(prompt, tg_tokens))
+    wall = time.perf_counter() - started
+    if n == 0:
+        raise HarnessError("generation ended at once (end of generation token): no tokens to time")
+    return {"wall_s": wall, "compute_s": ctx.compute_seconds - compute0, "tokens": n}
+
+
+def _bench_model(name: str, b: Build, pp_tokens: int, tg_tokens: int, repetitions: int, threads: int) -> dict:
+    file = get_model(name, b)
+    model = Model(file.path, b)
+    text = load_corpus().text
+    pp = model.tokenize(text[: pp_tokens * 20])[:pp_tokens]
+    if len(pp) < pp_tokens:
+        raise HarnessError(f"the corpus gives only {len(pp)} of {pp_tokens} prompt tokens")
+    prompt = model.tokenize(TG_PROMPT)
+    n_ctx = max(pp_tokens, len(prompt) + tg_tokens)
+    contexts = {cfg: make_context(model, cfg, n_ctx, threads) for cfg in CONFIGS}
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {cfg: {ph: [] for ph in PHASES} for cfg in CONFIGS}
+    order = list(CONFIGS)
+    try:
+        for rnd in range(repetitions + 1):  # round 0: warm-up, not counted
+            progress(f"bench {name}: {'warm-up' if rnd == 0 else f'round {rnd}/{repetitions}'}")
+            for cfg in order[rnd % len(order):] + order[: rnd % len(order)]:
+                for phase in PHASES:
+                    sample = _measure(contexts[cfg][0], phase, pp, prompt, tg_tokens)
+                    if rnd:
+                        raw[cfg][phase].append(sample)
+        applied = {cfg: (hook.applied if hook else ctx.fake_quant_applied) for cfg, (ctx, hook) in contexts.items()}
+    finally:
+        for ctx, _ in contexts.values():
+            ctx.close()
+        model.close()
+
+    memory = {cfg: _memory(file.path, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
+    configs = {}
+    for cfg, (rules, reference) in CONFIGS.items():
+        entry: dict = {"rules": [asdict(r) for r in rules], "reference": reference, "applied": applied[cfg]}
+        for phase in PHASES:
+            per_token = {k: [s[k] / s["tokens"] for s in raw[cfg][phase]] for k in ("wall_s", "compute_s")}
+            base = {k: [s[k] / s["tokens"] for s in raw["off"][phase]] for k in ("wall_s", "compute_s")}
+            wall = paired_ratios(per_token["wall_s"], base["wall_s"])
+            entry[phase] = {
+                "tokens_per_s": 1 / statistics.median(per_token["wall_s"]),
+                "median_s": statistics.median(s["wall_s"] for s in raw[cfg][phase]),
+                "median_compute_s": statistics.median(s["compute_s"] for s in raw[cfg][phase]),
+                "ratio": wall,
+                "compute_ratio": paired_ratios(per_token["compute_s"], base["compute_s"]),
+                "meets_target": wall["overhead_pct"] <= TARGET_OVERHEAD_PCT if cfg in NATIVE_ON else None,
+                "samples": raw[cfg][phase],
+            }
+        mem, off = memory[cfg], memory["off"]
+        entry["memory"] = dict(mem, compute_buffer_ratio=mem["compute_buffer_mib"] / off["compute_buffer_mib"],
+                               rss_ratio=mem["max_rss_kib"] / off["max_rss_kib"])
+        configs[cfg] = entry
+    return {"path": str(file.path), "sha256": file.sha256, "n_layer": model.n_layer, "n_ctx": n_ctx,
+            "configs": configs}
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor())
+
+
+def _machine(threads: int, b: Build) -> dict:
+    return {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "threads": threads, "platform": platform.platform(),
+            "python": platform.python_version(), "build_key": b.fingerprint["key"],
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_start": os.getloadavg()}
+
+
+def _build_times(b: Build) -> dict[str, float | None]:
+    """Cold: what the cached build recorded when it compiled; warm: a cached build() call now."""
+    info = json.loads((b.bin_dir.parent / "build-info.json").read_text())
+    warm = []
+    for _ in range(3):
+        started = time.perf_counter()
+        build()
+        warm.append(time.perf_counter() - started)
+    cold = info.get("build_seconds")
+    return {"cold_s": float(cold) if cold is not None else None, "warm_s": statistics.median(warm)}
+
+
+def _summary(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['threads']} threads), build {m['build_key']}; "
+             f"build cold {result['build']['cold_s']} s, warm {result['build']['warm_s'] * 1000:.0f} ms",
+             f"target: native overhead <= {TARGET_OVERHEAD_PCT:g} % (median of per-round ratios to off; "
+             f"[min..max] over {result['settings']['repetitions']} rounds)",
+             f"{'model':14} {'config':16} {'pp tok/s':>9} {'pp ovh %':>22} {'tg tok/s':>9} {'tg ovh %':>22}"
+             f" {'buf MiB':>8} {'rss MiB':>8}"]
+    for name, res in result["models"].items():
+        for cfg, e in res["configs"].items():
+            cells = []
+            for phase in PHASES:
+                r = e[phase]["ratio"]
+                mark = {True: " ok", False: " !!", None: ""}[e[phase]["meets_target"]]
+                spread = f"{r['overhead_pct']:+.1f} [{(r['min'] - 1) * 100:+.1f}..{(r['max'] - 1) * 100:+.1f}]{mark}"
+                cells.append(f"{e[phase]['tokens_per_s']:9.1f} {spread:>22}")
+            lines.append(f"{name:14} {cfg:16} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
+                         f" {e['memory']['max_rss_kib'] / 1024:8.1f}")
+    return "\n".join(lines)
+
+
+def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tokens: int = 512, tg_tokens: int = 128,
+              repetitions: int = 5, threads: int | None = None, out: Path | None = None) -> dict:
+    """Measure every model and configuration, write the JSON to `out`, print a table to stderr."""
+    if pp_tokens < 1 or tg_tokens < 1 or repetitions < 1:
+        raise HarnessError("pp, tg and repetitions must be at least 1")
+    b = build()
+    threads = threads or driver.default_threads()
+    result = {
+        "machine": _machine(threads, b),
+        "build": _build_times(b),
+        "settings": {"pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "repetitions": repetitions,
+                     "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
+        "target_overhead_pct": TARGET_OVERHEAD_PCT,
+        "models": {name: _bench_model(name, b, pp_tokens, tg_tokens, repetitions, threads) for name in models},
+    }
+    result["machine"]["loadavg_end"] = os.getloadavg()
+    out = out or Path("report") / "bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    print(_summary(result), file=sys.stderr)
+    return result
+
+
+def _pick(given: int | None, default: int) -> int:
+    return default if given is None else given
+
+
+def main_bench(argv: list[str] | None = None) -> int:
+    """`python -m harness bench`: the last stdout line is the JSON's path."""
+    p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", help="comma-separated model names (default smollm2-f32,smollm2-q4_1)")
+    p.add_argument("--pp", type=int, help="prompt tokens (default 512)")
+    p.add_argument("--tg", type=int, help="generated tokens (default 128)")
+    p.add_argument("--reps", type=int, help="counted rounds (default 5)")
+    p.add_argument("--threads", type=int, help="llama.cpp threads (default $FQ_THREADS or all cores)")
+    p.add_argument("--out", type=Path, help="JSON output (default report/bench.json)")
+    p.add_argument("--quick", action="store_true", help="smoke settings: smollm2-q4_1, pp 64, tg 8, 2 rounds")
+    args = p.parse_args(argv)
+    quick = args.quick
+    models = args.models.split(",") if args.models else (["smollm2-q4_1"] if quick else ["smollm2-f32", "smollm2-q4_1"])
+    out = args.out or Path("report") / "bench.json"
+    try:
+        run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
+                  repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0

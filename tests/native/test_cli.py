@@ -1,0 +1,128 @@
+"""The patched tools from the command line: the design's scenarios run as written, every bad
+value is a clear error with a nonzero exit, and verbose output names what was fake-quantized."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.native
+
+PROMPT = "測試提示"  # the design's "test prompt"
+SCENARIOS = {
+    "baseline": [],
+    "all_layers_bf16": ["--fake-quant-ffn-norm", "bf16"],
+    "layer10_bf16": ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "10"],
+    "ffn_norm_and_logits": ["--fake-quant-ffn-norm", "bf16", "--fake-quant", "bf16"],
+}
+
+
+def run(build, tool: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(build.tool(tool)), *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="module")
+def q4_1(build):
+    from harness.models import get_model
+
+    return str(get_model("smollm2-q4_1", build).path)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_design_scenarios_run_with_llama_completion(build, q4_1, scenario):
+    result = run(build, "llama-completion", "-m", q4_1, "-p", PROMPT, "-n", "50", "--seed", "42",
+                 *SCENARIOS[scenario], "-no-cnv")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert PROMPT in result.stdout and len(result.stdout) > len(PROMPT)
+
+
+def test_design_scenario_runs_with_llama_cli_single_turn(build, q4_1):
+    result = run(build, "llama-cli", "-m", q4_1, "-p", PROMPT, "-n", "20", "--seed", "42", "-st",
+                 *SCENARIOS["layer10_bf16"])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fake_quant_changes_the_generated_text_and_scale_zero_does_not(build, q4_1):
+    def text(*flags: str) -> str:
+        result = run(build, "llama-completion", "-m", q4_1, "-p", "The history of", "-n", "40", "--temp", "0",
+                     "-t", "1", "-no-cnv", *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    base = text()
+    assert text("--fake-quant-ffn-norm", "bf16", "--fake-quant-ffn-scale", "0") == base
+    assert text("--fake-quant-ffn-norm", "q8_0") != base
+
+
+def test_verbose_output_names_every_fake_quantized_tensor(build, q4_1):
+    result = run(build, "llama-completion", "-m", q4_1, "-p", "hi", "-n", "1", "-v", "-no-cnv",
+                 "--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "3,5", "--fake-quant", "f16")
+    assert result.returncode == 0
+    named = {line.split("'")[1] for line in result.stderr.splitlines() if "llama_fake_quant_apply: fake-quantizing" in line}
+    assert named == {"ffn_norm-3", "ffn_norm-5", "result_output"}
+
+
+@pytest.mark.parametrize(("tool", "flags", "message"), [
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf17"], "unknown fake-quant format 'bf17' (allowed: bf16, f16, q8_0)"),
+    ("llama-completion", ["--fake-quant", "int4"], "unknown fake-quant format 'int4'"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "3-"], "malformed fake-quant layer spec '3-'"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "30"], "the model has 30 layers (0-29)"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-ffn-scale", "1.5"], "fake-quant scale 1.5 is out of range"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-ffn-scale", "nan"], "fake-quant scale nan is out of range"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-ffn-scale", "half"], "fake-quant scale 'half' is not a number"),
+    ("llama-completion", ["--fake-quant-layer", "3"], "--fake-quant-layer and --fake-quant-ffn-scale need --fake-quant-ffn-norm"),
+    ("llama-completion", ["--fake-quant-tensor", "attn_norm"], "malformed --fake-quant-tensor 'attn_norm'"),
+    ("llama-completion", ["--fake-quant-tensor", "no_such:bf16"], "fake-quant target 'no_such' matches no F32 tensor"),
+    ("llama-perplexity", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "99"], "the model has 30 layers"),
+    ("llama-cli", ["-st", "--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "31"], "the model has 30 layers"),
+])
+def test_bad_flags_fail_clearly(build, q4_1, tool, flags, message):
+    inputs = ["-f", "/dev/null"] if tool == "llama-perplexity" else ["-p", "hi", "-n", "1"]
+    result = run(build, tool, "-m", q4_1, *inputs, *flags)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+
+
+def test_generic_tensor_flag_runs(build, q4_1):
+    result = run(build, "llama-completion", "-m", q4_1, "-p", "hi", "-n", "4", "-no-cnv",
+                 "--fake-quant-tensor", "attn_norm:f16:0-3:0.5", "--fake-quant-tensor", "l_out:bf16")
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def harness_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_harness_build_prints_the_bin_directory_last(build):
+    result = harness_cli("build")
+    assert result.returncode == 0
+    assert result.stdout.strip().splitlines()[-1] == str(build.bin_dir)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("/nonexistent/model.gguf", "model file not found: /nonexistent/model.gguf"),
+    ("tinyllama", "unknown model 'tinyllama' (allowed: smollm2-q4_1, gemma3-270m, smollm2-f32, smollm2-f16"),
+    (__file__.replace(".py", ".gguf"), "model file not found"),
+])
+def test_harness_model_errors(build, name, message):
+    result = harness_cli("model", name)
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_harness_model_rejects_a_file_that_is_not_gguf(build, tmp_path):
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a model")
+    result = harness_cli("model", str(fake))
+    assert result.returncode == 1
+    assert "is not a GGUF file" in result.stderr
+
+
+def test_harness_model_prints_a_ready_path(build):
+    result = harness_cli("model", "smollm2-f16")
+    assert result.returncode == 0
+    path = result.stdout.strip().splitlines()[-1]
+    assert path.endswith("model.gguf") and open(path, "rb").read(4) == b"GGUF"
