@@ -1,4 +1,4 @@
-"""Command line: `python -m harness build | model NAME | report [RESULTS] | bench`.
+"""Command line: `python -m harness build | model NAME | results | report | bench`.
 
 Progress goes to stderr; the last line of stdout is the result (a directory or a file path).
 """
@@ -24,6 +24,41 @@ def _model(args: argparse.Namespace) -> str:
     return str(get_model(args.name, build()).path)
 
 
+def _results(args: argparse.Namespace) -> str:
+    """Every group of every experiment model (measured now, or from the cache) and the verdicts."""
+    import time
+
+    from harness import matrix
+    from harness.build import build
+    from harness.corpus import load_corpus
+    from harness.runner import ModelSession
+    from harness.verdicts import write_results
+
+    started = time.time()
+    fingerprint = build().fingerprint
+    corpus = load_corpus()
+    sessions = {name: ModelSession(name, build(), corpus) for name in matrix.experiment_models()}
+    try:
+        path = write_results(sessions, fingerprint, {"name": corpus.name, "sha256": corpus.sha256,
+                                                     "n_chars": len(corpus.text)}, started)
+    finally:
+        for session in sessions.values():
+            session.close()
+    return str(path)
+
+
+def _report(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from harness.report import render
+    from harness.verdicts import results_path
+
+    results = Path(args.results) if args.results else results_path()
+    index = render(results, Path(args.out) if args.out else results.parent)
+    print(f"[harness] report written: {index}", file=sys.stderr)
+    return str(index)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -33,7 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("model", help="prepare a model; prints the path of its GGUF file")
     p.add_argument("name", help="smollm2-q4_1, smollm2-f32, smollm2-f16, gemma3-270m, user ($FQ_MODEL) or a .gguf path")
     p.set_defaults(run=_model)
+    p = sub.add_parser("results", help="measure (or reuse) every group of the matrix; prints the results file")
+    p.set_defaults(run=_results)
+    p = sub.add_parser("report", help="render a results file into index.md + PNG plots; prints index.md's path")
+    p.add_argument("--results", help="results file (default: $FQ_RESULTS or report/results.json)")
+    p.add_argument("--out", help="report directory (default: the results file's directory)")
+    p.set_defaults(run=_report)
+    p = sub.add_parser("bench", help="benchmarks (python -m harness bench --help)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from harness.bench import main_bench
+
+        return main_bench(args.bench_args)
     try:
         print(args.run(args))
     except HarnessError as exc:

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import re
-import resource
 import statistics
 import subprocess
 import sys
@@ -89,8 +88,10 @@ def _child() -> None:
     ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
     mib = compute_buffer_mib()
     ctx.logits(spec["tokens"], copy=False)
-    print(json.dumps({"compute_buffer_mib": mib,
-                      "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    # VmHWM, not getrusage's ru_maxrss: Linux carries the spawning parent's peak into ru_maxrss
+    # across a vfork+exec (Python's subprocess), so every child would report the parent's peak
+    hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+    print(json.dumps({"compute_buffer_mib": mib, "max_rss_kib": int(hwm.split()[1])}))
 
 
 def _memory(model_path: Path, config: str, n_ctx: int, threads: int, tokens: list[int]) -> dict[str, float]:
