@@ -12,7 +12,8 @@ workload (per-position KL and perplexity), so "ffn_norm+logits" rounds a full [p
 tensor: its worst case. Generation is greedy from a short prompt (its decode is included).
 
 Memory: each configuration runs once more in a fresh interpreter, which reports libllama's
-compute-buffer size (from its log) and its peak RSS.
+compute-buffer size (from its log; setting rules re-reserves with a new scheduler, so the size
+is the fake-quantized graph's own) and its peak RSS after one prompt batch.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def _child() -> None:
 
 def _memory(model_path: Path, config: str, n_ctx: int, threads: int, tokens: list[int]) -> dict[str, float]:
     spec = {"model": str(model_path), "config": config, "n_ctx": n_ctx, "threads": threads, "tokens": tokens}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).resolve().parent.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    root = str(Path(__file__).resolve().parent.parent)  # the child imports this same harness
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
                           input=json.dumps(spec), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -106,7 +107,8 @@ def _memory(model_path: Path, config: str, n_ctx: int, threads: int, tokens: lis
 
 
 def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_tokens: int) -> dict[str, float]:
-    """Wall and in-decode seconds per token of one prompt batch or one greedy generation."""
+    """Wall and in-decode seconds of one prompt batch or greedy generation, with its token count
+    (configurations are compared per token: a generation can stop early at an end token)."""
     compute0 = ctx.compute_seconds
     started = time.perf_counter()
     if phase == "pp":

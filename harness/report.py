@@ -1,0 +1,679 @@
+"""The results file → a Markdown report (`index.md`) with PNG plots, a copy of the results beside it.
+
+Every figure in the report is read from the results file written by `harness.verdicts`; nothing
+is typed in by hand, and models and groups are whatever the file holds (groups are told apart by
+their `kind` and their fake-quantization `rules`). A plot whose data are absent is skipped with a
+line in the report saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from harness.cache import HarnessError
+
+REQUIRED_KEYS = ("provenance", "models", "groups")
+REQUIRED_GROUP_KEYS = ("group", "model", "kind", "tokens")
+TABLE_KINDS = ("design", "control")  # the groups of the experiment matrix proper
+VERDICT_MEANING = {
+    "holds": "the 95 % CI of every difference lies above 0",
+    "refuted": "the 95 % CI of a difference lies below 0",
+    "inconclusive": "the 95 % CI of the difference includes 0",
+}
+VERDICT_VERB = {"holds": "holds", "refuted": "is refuted", "inconclusive": "is inconclusive"}
+DESIGN_COLOUR, CONTROL_COLOUR = "tab:blue", "tab:red"
+
+
+def log(message: str) -> None:
+    print(f"[report] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# number and text formatting
+
+
+def num(x: Any, spec: str = ".3g") -> str:
+    """A measured value as text; "–" where the file has none."""
+    if x is None:
+        return "–"
+    return format(float(x), spec)
+
+
+def pct(x: Any, spec: str = ".3g") -> str:
+    return "–" if x is None else f"{float(x) * 100:{spec}} %"
+
+
+def with_ci(estimate: Any, ci: list, spec: str = ".3g", scale: Callable[[float], float] = lambda v: v,
+            percent: bool = False) -> str:
+    """"estimate [lo, hi]" with the CI bounds ci[1], ci[2] of an [est, lo, hi] triple."""
+    f = (lambda v: pct(scale(v), spec)) if percent else (lambda v: num(scale(v), spec))
+    return f"{f(estimate)} [{f(ci[1])}, {f(ci[2])}]"
+
+
+def ratio(x: float) -> str:
+    """Perplexity ratios sit close to 1: four decimals show the change."""
+    return f"{x:.4f}"
+
+
+def duration(seconds: float) -> str:
+    s = float(seconds)
+    h, rest = divmod(int(round(s)), 3600)
+    m, sec = divmod(rest, 60)
+    human = f"{h} h {m:02d} min" if h else f"{m} min {sec:02d} s"
+    return f"{s:.0f} s ({human})"
+
+
+def cell(text: str) -> str:
+    """Free text made safe for one Markdown table cell: Markdown syntax escaped, line breaks
+    shown as ↵ (a table cell holds one line)."""
+    if text == "":
+        return "(empty)"
+    out = []
+    for ch in text.replace("\r\n", "\n"):
+        if ch in "\\`*_[]<>|~#&":
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append(" ↵ ")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def table(header: list[str], rows: Iterable[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the results
+
+
+def load(results_path: Path) -> dict:
+    """The results file, checked for the keys every section needs."""
+    if not results_path.is_file():
+        raise HarnessError(f"results file {results_path} not found: run the experiment matrix first "
+                           f"(tox -e experiments), or name an existing results file")
+    try:
+        data = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"results file {results_path} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HarnessError(f"results file {results_path} is malformed: expected a JSON object at the top level")
+    for key in REQUIRED_KEYS:
+        if key not in data:
+            raise HarnessError(f"results file {results_path} is malformed: missing key '{key}'")
+    if not isinstance(data["groups"], list) or not data["groups"]:
+        raise HarnessError(f"results file {results_path} is malformed: 'groups' must be a non-empty list")
+    for i, group in enumerate(data["groups"]):
+        for key in REQUIRED_GROUP_KEYS:
+            if not isinstance(group, dict) or key not in group:
+                raise HarnessError(f"results file {results_path} is malformed: groups[{i}] has no key '{key}'")
+    return data
+
+
+class Results:
+    """Look-ups over one results file."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.prov = data["provenance"]
+        self.models: dict[str, dict] = dict(data["models"])
+        self.groups: list[dict] = data["groups"]
+        self.verdicts: list[dict] = data.get("verdicts") or []
+        self.dose: dict[str, list] = data.get("dose_response") or {}
+        names = list(self.models)
+        names += [g["model"] for g in self.groups if g["model"] not in names]
+        self.model_names = list(dict.fromkeys(names))
+
+    def of_model(self, model: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
+        return [g for g in self.groups if g["model"] == model and (kinds is None or g["kind"] in kinds)]
+
+    def group(self, model: str, gid: str) -> dict | None:
+        return next((g for g in self.groups if g["model"] == model and g["group"] == gid), None)
+
+    def baseline(self, model: str) -> dict | None:
+        """The group with no fake-quantization rules (the reference every other group is compared with)."""
+        return next((g for g in self.of_model(model, TABLE_KINDS) if not g.get("rules")), None)
+
+    def is_q4(self, model: str) -> bool:
+        return "q4" in model.lower() or "q4" in Path(str(self.models.get(model, {}).get("path", ""))).name.lower()
+
+    def is_f32(self, model: str) -> bool:
+        return "f32" in model.lower() or "f32" in Path(str(self.models.get(model, {}).get("path", ""))).name.lower()
+
+
+def is_baseline(group: dict) -> bool:
+    return not group.get("rules")
+
+
+def rule_columns(rules: list[dict]) -> dict[str, str]:
+    """The design table's description of a group, read from its rules."""
+    def layers(rule: dict) -> str:
+        return "all" if str(rule["layers"]) == "-1" else str(rule["layers"])
+
+    def scaled(rule: dict) -> str:
+        s = float(rule.get("scale", 1.0))
+        return "yes" if s == 1.0 else f"yes (scale {s:g})"
+
+    ffn = [r for r in rules if r["target"] == "ffn_norm"]
+    logits = [r for r in rules if r["target"] == "result_output"]
+    other = [r for r in rules if r["target"] not in ("ffn_norm", "result_output")]
+    types = list(dict.fromkeys(r["fmt"] for r in rules))
+    type_text = ", ".join(types) if types else "–"
+    if other:
+        type_text += "; also " + ", ".join(f"{r['target']} {r['fmt']} layers {layers(r)}" for r in other)
+    return {
+        "ffn_norm fq": ", ".join(scaled(r) for r in ffn) if ffn else "no",
+        "logits fq": ", ".join(scaled(r) for r in logits) if logits else "no",
+        "layers": ", ".join(layers(r) for r in ffn) if ffn else "–",
+        "type": type_text,
+    }
+
+
+def greedy_match(group: dict) -> float | None:
+    rates = [e["match_rate"] for e in group.get("generation") or []
+             if e.get("sampling") == "greedy" and e.get("match_rate") is not None]
+    return sum(rates) / len(rates) if rates else None
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _yerr(cis: list[list[float]]) -> list[list[float]]:
+    return [[max(0.0, c[0] - c[1]) for c in cis], [max(0.0, c[2] - c[0]) for c in cis]]
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_layer_sensitivity(res: Results, path: Path) -> str | None:
+    sweeps = {m: sorted((g for g in res.of_model(m, ("sweep",)) if g.get("layer") is not None),
+                        key=lambda g: g["layer"]) for m in res.model_names}
+    sweeps = {m: s for m, s in sweeps.items() if s}
+    if not sweeps:
+        return "the results hold no groups of kind `sweep`"
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    positive = True
+    for i, (model, groups) in enumerate(sweeps.items()):
+        offset = (i - (len(sweeps) - 1) / 2) * 0.15
+        cis = [g["tokens"]["kld_ci"] for g in groups]
+        positive &= all(c[0] > 0 for c in cis)
+        ax.errorbar([g["layer"] + offset for g in groups], [c[0] for c in cis], yerr=_yerr(cis),
+                    fmt="o-", ms=3.5, capsize=2.5, lw=1, label=model)
+    if positive:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer whose ffn_norm output alone is fake-quantized")
+    ax.set_ylabel("mean KLD vs baseline (95 % CI)")
+    ax.set_title("Per-layer sensitivity: one layer's ffn_norm rounded at a time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return None
+
+
+def accumulation_groups(res: Results, model: str) -> list[dict]:
+    """Groups that fake-quantize ffn_norm and nothing else, and carry per-layer numerics."""
+    return [g for g in res.of_model(model, TABLE_KINDS)
+            if g.get("rules") and all(r["target"] == "ffn_norm" for r in g["rules"])
+            and (g.get("numerics") or {}).get("l_out_rel_err")]
+
+
+def plot_error_accumulation(res: Results, path: Path) -> str | None:
+    per_model = {m: accumulation_groups(res, m) for m in res.model_names}
+    per_model = {m: gs for m, gs in per_model.items() if gs}
+    if not per_model:
+        return "no group that fake-quantizes only ffn_norm has per-layer numerics (`l_out_rel_err`)"
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(per_model), figsize=(5.5 * len(per_model), 4.5), squeeze=False, sharey=True)
+    for ax, (model, groups) in zip(axes[0], per_model.items()):
+        for g in groups:
+            n = g["numerics"]
+            y = [v if v > 0 else math.nan for v in n["l_out_rel_err"]]
+            cols = rule_columns(g["rules"])
+            ax.plot(n["layers"], y, marker="o", ms=3, label=f"{g['group']} ({cols['type']}, layers {cols['layers']})")
+        ax.set_yscale("log")
+        ax.set_title(model)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer N")
+        ax.set_ylabel("relative error of l_out-N  ‖x − x₀‖ / ‖x₀‖")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Error accumulation through the residual stream (non-positive values not drawn)")
+    _save(fig, path)
+    return None
+
+
+def hist_source(res: Results, model: str) -> dict | None:
+    """Group `all` where it has histograms, else the first design/control group that does."""
+    def has_hist(g: dict | None) -> bool:
+        return bool(g) and any("hist_edges" in e for e in ((g.get("numerics") or {}).get("ffn_norm") or {}).values())
+
+    preferred = res.group(model, "all")
+    if has_hist(preferred):
+        return preferred
+    return next((g for g in res.of_model(model, TABLE_KINDS) if has_hist(g)), None)
+
+
+def plot_ffn_norm_hist(res: Results, path: Path) -> str | None:
+    rows = []
+    for model in res.model_names:
+        g = hist_source(res, model)
+        if g is None:
+            continue
+        entries = g["numerics"]["ffn_norm"]
+        layers = sorted((k for k, e in entries.items() if "hist_edges" in e), key=int)
+        rows.append((model, g, [(k, entries[k]) for k in layers]))
+    if not rows:
+        return "no group has `ffn_norm` histograms (`hist_edges`) in its numerics"
+    plt = _pyplot()
+    ncols = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(4.2 * ncols, 3.4 * len(rows)), squeeze=False)
+    for row, (model, g, layers) in zip(axes, rows):
+        fmt = rule_columns(g["rules"])["type"]
+        for ax, (layer, e) in zip(row, layers):
+            ax.stairs(e["hist_raw"], e["hist_edges"], label="raw (FP32)", lw=1.4)
+            ax.stairs(e["hist_rounded"], e["hist_edges"], label=f"rounded ({fmt})", lw=1.0, ls="--")
+            ax.set_title(f"{model} · {g['group']} · layer {layer}\n{pct(e['changed_fraction'])} of values changed",
+                         fontsize=9)
+            ax.set_xlabel("ffn_norm output value")
+            ax.set_ylabel("count")
+            ax.legend(fontsize=7)
+        for ax in row[len(layers):]:
+            ax.axis("off")
+    fig.suptitle("ffn_norm activations before and after fake quantization")
+    _save(fig, path)
+    return None
+
+
+def plot_groups(res: Results, path: Path) -> str | None:
+    per_model = {m: res.of_model(m, TABLE_KINDS) for m in res.model_names}
+    per_model = {m: gs for m, gs in per_model.items() if gs}
+    if not per_model:
+        return "the results hold no groups of kind `design` or `control`"
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(len(per_model), 3, figsize=(15, 4.2 * len(per_model)), squeeze=False)
+    for row, (model, groups) in zip(axes, per_model.items()):
+        panels = [
+            ("mean KLD vs baseline", [g for g in groups if not is_baseline(g) and g["tokens"]["kld_ci"][0] > 0],
+             lambda g: g["tokens"]["kld_ci"], True),
+            ("top-1 agreement with baseline", groups, lambda g: g["tokens"]["top1_ci"], False),
+            ("perplexity ratio test / baseline", groups,
+             lambda g: [math.exp(v) for v in g["tokens"]["ln_ppl_ratio_ci"]], False),
+        ]
+        for ax, (label, shown, value, log_y) in zip(row, panels):
+            for x, g in enumerate(shown):
+                c = value(g)
+                ax.errorbar([x], [c[0]], yerr=_yerr([c]), fmt="o", capsize=3,
+                            color=CONTROL_COLOUR if g["kind"] == "control" else DESIGN_COLOUR)
+            ax.set_xticks(range(len(shown)), [g["group"] for g in shown], rotation=35, ha="right")
+            if log_y:
+                ax.set_yscale("log")
+            ax.set_ylabel(label + " (95 % CI)")
+            ax.set_title(f"{model}: {label}", fontsize=10)
+            ax.grid(True, axis="y", which="both", alpha=0.3)
+        row[0].legend(handles=[Line2D([], [], color=DESIGN_COLOUR, marker="o", ls="", label="design"),
+                               Line2D([], [], color=CONTROL_COLOUR, marker="o", ls="", label="control")], fontsize=8)
+    fig.suptitle("Groups of the experiment matrix (baseline left out of the log-scale KLD panel)")
+    _save(fig, path)
+    return None
+
+
+def plot_dose_response(res: Results, path: Path) -> str | None:
+    series = {m: sorted(pts, key=lambda p: p["scale"]) for m, pts in res.dose.items() if pts}
+    if not series:
+        return "the results hold no `dose_response` data"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, pts in series.items():
+        cis = [p["kld_ci"] for p in pts]
+        ax.errorbar([p["scale"] for p in pts], [c[0] for c in cis], yerr=_yerr(cis), fmt="o-", capsize=3, label=model)
+    ax.set_xlabel("scale s of the rounding step: y = x + s·(round(x) − x)")
+    ax.set_ylabel("mean KLD vs baseline (95 % CI)")
+    ax.set_title("Dose response: ffn_norm fake quantization, all layers, scaled")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def section_provenance(res: Results) -> list[str]:
+    p, b, c, m = res.prov, res.prov["build"], res.prov["corpus"], res.prov["matrix"]
+    per_chunk = m["n_ctx"] - 1 - m["scored_from"]
+    n_by_kind: dict[str, set[int]] = {}
+    for g in res.groups:
+        n_by_kind.setdefault(g["kind"], set()).add(g["tokens"]["n_tokens"])
+    measured = "; ".join(f"{kind}: {', '.join(str(n) for n in sorted(ns))}" for kind, ns in n_by_kind.items())
+    wall, compute = p["group_wall_seconds"], p["group_compute_seconds"]
+    share = pct(compute / wall) if wall else "–"
+    lines = [
+        "# ffn_norm fake quantization: report",
+        "",
+        "## Provenance",
+        "",
+        f"- Date: {p['date']}",
+        f"- Machine: {p['cores']} cores, {p['cpu']}; Python {p['python']}",
+        f"- Build: llama.cpp commit `{b['llama_cpp_commit']}` with the fake-quant patch "
+        f"(sha256 `{b['patch_sha256'][:12]}`), llama-cpp-python {b.get('llama_cpp_python', '–')}; "
+        f"compiler {b['compiler']}; flags `{b['flags']}`; build key `{b['key']}`",
+        f"- Corpus: {c['name']} (sha256 `{c['sha256'][:12]}`, {c.get('n_chars', '–')} characters); "
+        f"chunks of {m['n_ctx']} tokens, positions {m['scored_from']}..{m['n_ctx'] - 2} of each scored, so "
+        f"{m['main_chunks']} × {per_chunk} = {m['main_chunks'] * per_chunk} tokens per design/control group and "
+        f"{m['sweep_chunks']} × {per_chunk} = {m['sweep_chunks'] * per_chunk} per sweep/scale group "
+        f"(n_tokens in the results by kind: {measured}); bootstrap block {m['bootstrap_block']} tokens; "
+        f"{m['generation_tokens']} generated tokens per prompt; seed {m['seed']}",
+        f"- Run time: {duration(p['run_seconds'])}; {share} of the groups' wall time "
+        f"({duration(wall)}) was spent inside llama.cpp compute ({duration(compute)})",
+        "",
+    ]
+    lines += table(["model", "path", "sha256", "n_layer", "n_embd", "n_vocab"],
+                   [[name, f"`{info.get('path', '–')}`", f"`{str(info.get('sha256', '–'))[:12]}`",
+                     str(info.get("n_layer", "–")), str(info.get("n_embd", "–")), str(info.get("n_vocab", "–"))]
+                    for name, info in res.models.items()])
+    return lines
+
+
+def section_how_to_read(res: Results) -> list[str]:
+    block = res.prov["matrix"]["bootstrap_block"]
+    text = (
+        "**KLD** is the mean Kullback-Leibler divergence of the model's next-token distribution from the "
+        "baseline's (same model, no fake quantization) over the scored corpus tokens; larger means the rounding "
+        "moved the predictions further. **Top-1 agreement** is the fraction of those tokens where the most likely "
+        "next token is the same as the baseline's, and the **PPL ratio** is the perplexity of the corpus under the "
+        "fake-quantized model divided by the baseline's (1 means no change). "
+        f"Every 95 % CI is a moving-block bootstrap over tokens (blocks of {block} tokens, since neighbouring "
+        "tokens of one text are correlated). A hypothesis **holds** when the CI of the difference it names lies "
+        "entirely above 0, is **refuted** when it lies below 0, and is **inconclusive** when it includes 0."
+    )
+    q4 = [m for m in res.model_names if res.is_q4(m)]
+    f32 = [m for m in res.model_names if res.is_f32(m)]
+    if q4 or f32:
+        parts = []
+        if q4:
+            parts.append(f"{', '.join(q4)} {'is a Q4_1 model' if len(q4) == 1 else 'are Q4_1 models'}: its matmuls "
+                         "re-quantize activations to 8 bits, which interacts with the rounding under test")
+        if f32:
+            parts.append(f"{', '.join(f32)} {'is' if len(f32) == 1 else 'are'} F32, so it measures the rounding alone")
+        text += " " + "; ".join(parts) + "."
+    return ["## How to read this report", "", text, ""]
+
+
+def section_matrix(res: Results) -> list[str]:
+    lines = ["## Experiment matrix", "",
+             "Groups of kind design and control, per model; the first six columns are read from each group's "
+             "fake-quantization rules, the rest are measured (95 % CI in brackets). Greedy match: mean over the "
+             "greedy prompts of the fraction of generated tokens equal to the baseline's.", ""]
+    header = ["group", "kind", "ffn_norm fq", "logits fq", "layers", "type", "fq sites", "KLD mean [95 % CI]",
+              "KLD p99", "top-1 agreement [95 % CI]", "PPL ratio [95 % CI]", "Δp RMS", "greedy match"]
+    for model in res.model_names:
+        groups = res.of_model(model, TABLE_KINDS)
+        if not groups:
+            continue
+        rows = []
+        for g in groups:
+            t = g["tokens"]
+            cols = rule_columns(g.get("rules") or [])
+            rows.append([f"`{g['group']}`", g["kind"], cols["ffn_norm fq"], cols["logits fq"], cols["layers"],
+                         cols["type"], str(g.get("fake_quant_sites", "–")),
+                         with_ci(t["kld_ci"][0], t["kld_ci"]), num(t["kld_p99"]),
+                         with_ci(t["top1_agreement"], t["top1_ci"], ".4g", percent=True),
+                         f"{ratio(t['ppl_ratio'])} [{ratio(math.exp(t['ln_ppl_ratio_ci'][1]))}, "
+                         f"{ratio(math.exp(t['ln_ppl_ratio_ci'][2]))}]",
+                         num(t["dp_rms"]), pct(greedy_match(g))])
+        lines += [f"### {model}", ""] + table(header, rows)
+    return lines
+
+
+def comparison_text(c: dict) -> str:
+    lo, hi = c["ci95"]
+    return (f"{c['a']} {num(c['mean_a'])} vs {c['b']} {num(c['mean_b'])}, difference {num(c['difference'])} "
+            f"[{num(lo)}, {num(hi)}]")
+
+
+def hypothesis_sentence(res: Results, hid: str, records: list[dict]) -> str:
+    figures = "; ".join(f"{r['model']}: " + "; ".join(comparison_text(c) for c in r["comparisons"]) for r in records)
+    statement = records[0]["statement"]
+    verdicts = {r["verdict"] for r in records}
+    if len(verdicts) == 1:
+        v = verdicts.pop()
+        where = (f"on {records[0]['model']}" if len(records) == 1 else
+                 "on both models" if len(records) == 2 else f"on all {len(records)} models")
+        text = f"**{hid}** ({statement}) {VERDICT_VERB.get(v, v)} {where}: {VERDICT_MEANING.get(v, v)} ({figures})."
+    else:
+        parts = ", ".join(f"{r['verdict']} on {r['model']}" for r in records)
+        text = f"**{hid}** ({statement}) differs between models: {parts} ({figures})."
+        q4 = [r for r in records if res.is_q4(r["model"])]
+        rest = [r for r in records if not res.is_q4(r["model"])]
+        if q4 and rest:
+            q4_names = ", ".join(r["model"] for r in q4)
+            rest_names = ", ".join(r["model"] for r in rest)
+            if all(r["verdict"] == "holds" for r in rest) and not any(r["verdict"] == "holds" for r in q4):
+                text += (f" This points to a masking effect: the matmuls of the Q4_1 model ({q4_names}) re-quantize "
+                         f"activations to 8 bits, an error of their own that hides part of the rounding's, while "
+                         f"{rest_names} measures the rounding alone.")
+            else:
+                text += (f" The Q4_1 model ({q4_names}) re-quantizes activations to 8 bits in its matmuls, which "
+                         f"interacts with the rounding; {rest_names} measures the rounding alone.")
+    notes = []
+    for r in records:
+        if r.get("expected") is not None:
+            notes.append(f"{r['model']} as expected ({r['expected']})" if r["expected"] == r["verdict"] else
+                         f"{r['model']} expected {r['expected']}, measured {r['verdict']}")
+    if notes:
+        text += " Expectation: " + "; ".join(notes) + "."
+    return text
+
+
+def section_hypotheses(res: Results) -> list[str]:
+    lines = ["## Hypotheses", ""]
+    if not res.verdicts:
+        return lines + ["The results hold no verdicts.", ""]
+    rows = [[v["hypothesis"], v["model"], cell(v["statement"]), f"**{v['verdict']}**", v.get("expected") or "–",
+             "; ".join(f"{cell(comparison_text(c))} ({c['verdict']}, {c.get('unit', '')})" for c in v["comparisons"])]
+            for v in res.verdicts]
+    lines += table(["id", "model", "statement", "verdict", "expected",
+                    "comparisons: a mean vs b mean, difference [95 % CI]"], rows)
+    by_id: dict[str, list[dict]] = {}
+    for v in res.verdicts:
+        by_id.setdefault(v["hypothesis"], []).append(v)
+    for hid, records in by_id.items():
+        lines += [hypothesis_sentence(res, hid, records), ""]
+    return lines
+
+
+def section_tasks(res: Results) -> list[str]:
+    lines = ["## Task sensitivity", ""]
+    rows = []
+    for model in res.model_names:
+        g = res.group(model, "all")
+        if g is None or not g.get("tasks"):
+            continue
+        t = g["tasks"]
+        a, x, lp = t["arithmetic"], t["text"], t["answer_logprob"]
+        rows.append([model, num(a["kld_mean"]), with_ci(a["kld_ci"][0], a["kld_ci"]), num(x["kld_mean"]),
+                     with_ci(x["kld_ci"][0], x["kld_ci"]), num(lp["base_mean"]), num(lp["test_mean"]),
+                     with_ci(lp["delta_ci"][0], lp["delta_ci"])])
+    if not rows:
+        return lines + ["Skipped: no group `all` with task results.", ""]
+    lines += ["Group `all`: KLD on arithmetic and on text prompts (token mean, and the mean over prompts of each "
+              "prompt's mean KLD with its 95 % CI), and the log-probability of the arithmetic answers under the "
+              "baseline and the fake-quantized model.", ""]
+    return lines + table(["model", "arithmetic KLD (tokens)", "arithmetic KLD per prompt [CI]", "text KLD (tokens)",
+                          "text KLD per prompt [CI]", "answer log-prob baseline", "answer log-prob test",
+                          "Δ log-prob [CI]"], rows)
+
+
+def figure_lines(title: str, image: str, skipped: str | None, caption: str) -> list[str]:
+    lines = [f"## {title}", ""]
+    if skipped:
+        return lines + [f"Plot skipped: {skipped}.", ""]
+    return lines + [f"![{title}]({image})", "", caption, ""]
+
+
+def section_layers(res: Results, skipped: str | None) -> list[str]:
+    caption = ("Mean KLD (95 % CI) when the ffn_norm output of one layer alone is fake-quantized, per layer and model.")
+    tops = []
+    for model in res.model_names:
+        sweep = [g for g in res.of_model(model, ("sweep",)) if g.get("layer") is not None]
+        if sweep:
+            top = max(sweep, key=lambda g: g["tokens"]["kld_mean"])
+            tops.append(f"{model}: layer {top['layer']} ({num(top['tokens']['kld_mean'])})")
+    if tops:
+        caption += " Most sensitive layer — " + "; ".join(tops) + "."
+    lines = figure_lines("Layer sensitivity", "layer_sensitivity.png", skipped, caption)
+    if skipped:
+        return lines
+    sweeps = {m: {g["layer"]: g for g in res.of_model(m, ("sweep",)) if g.get("layer") is not None}
+              for m in res.model_names}
+    sweeps = {m: s for m, s in sweeps.items() if s}
+    layers = sorted({layer for s in sweeps.values() for layer in s})
+    rows = [[str(layer)] + [with_ci(s[layer]["tokens"]["kld_mean"], s[layer]["tokens"]["kld_ci"])
+                            if layer in s else "–" for s in sweeps.values()] for layer in layers]
+    return lines + table(["layer"] + [f"{m} KLD [95 % CI]" for m in sweeps], rows)
+
+
+def section_generation(res: Results) -> list[str]:
+    lines = ["## Generation", "",
+             "Greedy continuations and the seeded-sampling scenario, per group, next to the baseline's. Token "
+             "positions count the generated tokens from 0; ↵ marks a line break.", ""]
+    any_rows = False
+    for model in res.model_names:
+        base = res.baseline(model)
+        base_entries = {(e["id"], e["sampling"]): e for e in (base or {}).get("generation") or []}
+        groups = [g for g in res.of_model(model, TABLE_KINDS) if not is_baseline(g) and g.get("generation")]
+        if not groups:
+            continue
+        any_rows = True
+        lines += [f"### {model}", ""]
+        prompts = {(e["id"], e["sampling"]): e for g in [base] + groups if g for e in g.get("generation") or []}
+        lines += table(["prompt", "kind", "sampling", "prompt text"],
+                       [[f"`{pid}`", e.get("kind", "–"), sampling, cell(e.get("prompt", "–"))]
+                        for (pid, sampling), e in prompts.items()])
+        for g in groups:
+            rows = []
+            for e in g["generation"]:
+                b = base_entries.get((e["id"], e["sampling"]))
+                first = e.get("first_divergence")
+                if b is not None and first is None and e.get("tokens") == b.get("tokens"):
+                    where, text = "identical to baseline", "(identical to baseline)"
+                else:
+                    where = f"first divergence at token {first}" if first is not None else "–"
+                    text = cell(e["text"])
+                rows.append([f"`{e['id']}`", e["sampling"], cell(b["text"]) if b else "(no baseline)", text, where,
+                             pct(e.get("match_rate"))])
+            lines += [f"#### `{g['group']}`: {cell(g.get('description', ''))}", ""]
+            lines += table(["prompt", "sampling", f"baseline (`{base['group'] if base else '–'}`)",
+                            f"`{g['group']}`", "divergence", "match"], rows)
+    if not any_rows:
+        lines += ["No group besides the baseline has generation results.", ""]
+    return lines
+
+
+def section_dose(res: Results, skipped: str | None) -> list[str]:
+    lines = figure_lines("Dose response", "dose_response.png", skipped,
+                         "Mean KLD (95 % CI) as the ffn_norm rounding step is scaled from 0 (baseline) to 1 (full "
+                         "fake quantization of every layer), on the sweep's tokens.")
+    if skipped:
+        return lines
+    series = {m: {p["scale"]: p for p in pts} for m, pts in res.dose.items() if pts}
+    scales = sorted({s for pts in series.values() for s in pts})
+    rows = [[f"{s:g}"] + [with_ci(pts[s]["kld_ci"][0], pts[s]["kld_ci"]) if s in pts else "–"
+                          for pts in series.values()] for s in scales]
+    return lines + table(["scale"] + [f"{m} KLD [95 % CI]" for m in series], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+PLOTS: tuple[tuple[str, Callable[[Results, Path], str | None]], ...] = (
+    ("layer_sensitivity.png", plot_layer_sensitivity),
+    ("error_accumulation.png", plot_error_accumulation),
+    ("ffn_norm_hist.png", plot_ffn_norm_hist),
+    ("groups.png", plot_groups),
+    ("dose_response.png", plot_dose_response),
+)
+
+
+def render(results_path: Path, out_dir: Path) -> Path:
+    """Write `index.md`, the PNG plots and a copy of the results (`results.json`) into `out_dir`;
+    return the path of `index.md`. A missing or malformed results file raises HarnessError."""
+    results_path, out_dir = Path(results_path), Path(out_dir)
+    res = Results(load(results_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copy = out_dir / "results.json"
+    if not (copy.exists() and copy.resolve() == results_path.resolve()):
+        shutil.copyfile(results_path, copy)
+
+    current = "start"
+    try:
+        skipped: dict[str, str | None] = {}
+        for name, plot in PLOTS:
+            current = name
+            target = out_dir / name
+            target.unlink(missing_ok=True)  # a plot skipped now must not leave an old image behind
+            skipped[name] = plot(res, target)
+            log(f"plot {name}" if skipped[name] is None else f"skip {name}: {skipped[name]}")
+        lines: list[str] = []
+        for current, make in [
+            ("provenance", lambda: section_provenance(res)),
+            ("how to read", lambda: section_how_to_read(res)),
+            ("experiment matrix", lambda: section_matrix(res)),
+            ("hypotheses", lambda: section_hypotheses(res)),
+            ("task sensitivity", lambda: section_tasks(res)),
+            ("layer sensitivity", lambda: section_layers(res, skipped["layer_sensitivity.png"])),
+            ("error accumulation", lambda: figure_lines(
+                "Error accumulation", "error_accumulation.png", skipped["error_accumulation.png"],
+                "Relative error of the residual stream after each layer (l_out-N) against the baseline, for the "
+                "groups that fake-quantize ffn_norm only: how the rounding error grows or decays through the model.")),
+            ("activation distribution", lambda: figure_lines(
+                "Activation distribution", "ffn_norm_hist.png", skipped["ffn_norm_hist.png"],
+                "Histograms of the ffn_norm output before and after the rounding at the first, middle and last layer, "
+                "with the fraction of values the rounding changed.")),
+            ("group comparison", lambda: figure_lines(
+                "Group comparison", "groups.png", skipped["groups.png"],
+                "Mean KLD, top-1 agreement and perplexity ratio (95 % CI) of every design group, with the logits-only "
+                "control in red.")),
+            ("dose response", lambda: section_dose(res, skipped["dose_response.png"])),
+            ("generation", lambda: section_generation(res)),
+        ]:
+            log(f"section {current}")
+            lines += make()
+    except (KeyError, TypeError, IndexError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise HarnessError(f"results file {results_path} is malformed ({what}, while rendering {current})") from exc
+    lines += ["---", "", f"Results: [`{copy.name}`]({copy.name}) — {copy.resolve()}", ""]
+    index = out_dir / "index.md"
+    index.write_text("\n".join(lines), encoding="utf-8")
+    log(f"wrote {index}")
+    return index

@@ -1,0 +1,319 @@
+"""The report: index.md sections, valid PNG plots, every table figure read from the results file,
+verdicts, generation tables, skipped plots and clear errors for a bad results file."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from harness.cache import HarnessError
+from harness.report import render
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "results_small.json"
+SECTIONS = ["# ", "## Provenance", "## How to read this report", "## Experiment matrix", "## Hypotheses",
+            "## Task sensitivity", "## Layer sensitivity", "## Error accumulation", "## Activation distribution",
+            "## Group comparison", "## Dose response", "## Generation"]
+PLOTS = ["layer_sensitivity.png", "error_accumulation.png", "ffn_norm_hist.png", "groups.png", "dose_response.png"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def g3(x: float) -> str:
+    return f"{x:.3g}"
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    index = render(FIXTURE, out)
+    assert index == out / "index.md"
+    return out
+
+
+def write(tmp_path: Path, results: dict, name: str = "results_in.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(results))
+    return path
+
+
+def section(text: str, title: str) -> str:
+    """The text of one `## title` section (up to the next `## ` heading)."""
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+def matrix_row(text: str, model: str, group: str) -> list[str]:
+    part = section(text, "Experiment matrix")
+    part = part[part.index(f"### {model}\n"):]
+    part = part[:part.find("\n### ", 1)] if "\n### " in part[1:] else part
+    line = next(line for line in part.splitlines() if line.startswith(f"| `{group}` |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+MATRIX_HEADER = ["group", "kind", "ffn_norm fq", "logits fq", "layers", "type", "fq sites", "KLD mean [95 % CI]",
+                 "KLD p99", "top-1 agreement [95 % CI]", "PPL ratio [95 % CI]", "Δp RMS", "greedy match"]
+
+
+# --------------------------------------------------------------------------------------------- structure
+
+
+def test_index_has_the_sections_in_order(rendered: Path) -> None:
+    text = (rendered / "index.md").read_text()
+    positions = [text.index(s) for s in SECTIONS]
+    assert positions == sorted(positions), "sections out of order"
+    assert text.startswith("# ")
+    assert "results.json" in text.strip().splitlines()[-1], "the report must end with the results path"
+
+
+def test_results_are_copied(rendered: Path) -> None:
+    assert (rendered / "results.json").read_bytes() == FIXTURE.read_bytes()
+
+
+def test_every_plot_is_a_valid_png(rendered: Path) -> None:
+    import matplotlib.image
+
+    text = (rendered / "index.md").read_text()
+    listed = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(listed) == sorted(PLOTS)
+    for name in listed:
+        path = rendered / name
+        blob = path.read_bytes()
+        assert len(blob) > 1000, name
+        assert blob[:8] == PNG_SIGNATURE, name
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 100 and image.shape[1] > 100, name
+        assert image.std() > 0, f"{name} is blank"
+
+
+def test_progress_goes_to_stderr(tmp_path: Path, capsys) -> None:
+    render(FIXTURE, tmp_path)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "[report] plot layer_sensitivity.png" in captured.err
+
+
+def test_tables_are_well_formed(rendered: Path) -> None:
+    """Free text (generated text with | and line breaks) must not break a table row."""
+    lines = (rendered / "index.md").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|"):
+            assert line.endswith("|"), f"line {i + 1} broken: {line!r}"
+    # every row of a table has as many unescaped pipes as its header
+    block: list[int] = []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            block.append(len(re.findall(r"(?<!\\)\|", line)))
+        elif block:
+            assert len(set(block)) == 1, f"ragged table ending before {line!r}: {block}"
+            block = []
+
+
+# ------------------------------------------------------------------------------------ figures come from the file
+
+
+def test_matrix_rows_show_the_files_values(rendered: Path, data: dict) -> None:
+    text = (rendered / "index.md").read_text()
+    checked = 0
+    for g in data["groups"]:
+        if g["kind"] not in ("design", "control"):
+            continue
+        row = dict(zip(MATRIX_HEADER, matrix_row(text, g["model"], g["group"]), strict=True))
+        t = g["tokens"]
+        assert row["KLD mean [95 % CI]"] == f"{g3(t['kld_mean'])} [{g3(t['kld_ci'][1])}, {g3(t['kld_ci'][2])}]"
+        assert row["KLD p99"] == g3(t["kld_p99"])
+        assert row["Δp RMS"] == g3(t["dp_rms"])
+        assert row["PPL ratio [95 % CI]"].startswith(f"{t['ppl_ratio']:.4f} [")
+        assert row["PPL ratio [95 % CI]"].endswith(f"{math.exp(t['ln_ppl_ratio_ci'][2]):.4f}]")
+        assert row["fq sites"] == str(g["fake_quant_sites"])
+        greedy = [e["match_rate"] for e in g["generation"] if e["sampling"] == "greedy"]
+        assert row["greedy match"] == f"{sum(greedy) / len(greedy) * 100:.3g} %"
+        checked += 1
+    assert checked == 2 * 7
+
+
+def test_matrix_columns_follow_the_rules(rendered: Path) -> None:
+    text = (rendered / "index.md").read_text()
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-f32", "all_logits")))
+    assert (row["ffn_norm fq"], row["logits fq"], row["layers"], row["type"]) == ("yes", "yes", "all", "bf16")
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-q4_1", "first5")))
+    assert (row["ffn_norm fq"], row["logits fq"], row["layers"]) == ("yes", "no", "0-1")
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-q4_1", "all_f16")))
+    assert row["type"] == "f16"
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-q4_1", "logits")))
+    assert (row["ffn_norm fq"], row["logits fq"], row["layers"], row["kind"]) == ("no", "yes", "–", "control")
+
+
+def test_a_changed_value_changes_the_table(tmp_path: Path, data: dict) -> None:
+    changed = copy.deepcopy(data)
+    group = next(g for g in changed["groups"] if g["model"] == "smollm2-f32" and g["group"] == "all")
+    before = group["tokens"]["kld_mean"]
+    group["tokens"]["kld_mean"] = 0.0987654
+    group["tokens"]["kld_p99"] = 0.654321
+    text = render(write(tmp_path, changed), tmp_path / "out").read_text()
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-f32", "all")))
+    assert row["KLD mean [95 % CI]"].startswith("0.0988 [")
+    assert not row["KLD mean [95 % CI]"].startswith(g3(before))
+    assert row["KLD p99"] == "0.654"
+    # the other model's row is untouched
+    other = next(g for g in data["groups"] if g["model"] == "smollm2-q4_1" and g["group"] == "all")
+    row = dict(zip(MATRIX_HEADER, matrix_row(text, "smollm2-q4_1", "all")))
+    assert row["KLD mean [95 % CI]"].startswith(g3(other["tokens"]["kld_mean"]) + " [")
+
+
+def test_provenance_and_tables_quote_the_file(rendered: Path, data: dict) -> None:
+    text = (rendered / "index.md").read_text()
+    prov = section(text, "Provenance")
+    p = data["provenance"]
+    assert p["build"]["patch_sha256"][:12] in prov and p["build"]["patch_sha256"] not in prov
+    assert p["build"]["llama_cpp_commit"] in prov
+    assert p["build"]["flags"] in prov and p["build"]["compiler"] in prov and p["build"]["key"] in prov
+    assert p["corpus"]["sha256"][:12] in prov and p["corpus"]["name"] in prov
+    assert p["cpu"] in prov and p["date"] in prov and p["python"] in prov
+    assert f"{p['group_compute_seconds'] / p['group_wall_seconds'] * 100:.3g} %" in prov
+    m = p["matrix"]
+    assert str(m["main_chunks"] * (m["n_ctx"] - 1 - m["scored_from"])) in prov
+    for name, info in data["models"].items():
+        assert f"| {name} | `{info['path']}` | `{info['sha256'][:12]}` | {info['n_layer']} |" in prov
+
+    tasks = section(text, "Task sensitivity")
+    for g in data["groups"]:
+        if g["group"] == "all":
+            lp = g["tasks"]["answer_logprob"]
+            assert f"| {g['model']} | {g3(g['tasks']['arithmetic']['kld_mean'])} |" in tasks
+            assert f"{g3(lp['delta_ci'][0])} [{g3(lp['delta_ci'][1])}, {g3(lp['delta_ci'][2])}]" in tasks
+
+    layers = section(text, "Layer sensitivity")
+    for g in data["groups"]:
+        if g["kind"] == "sweep":
+            ci = g["tokens"]["kld_ci"]
+            assert f"{g3(g['tokens']['kld_mean'])} [{g3(ci[1])}, {g3(ci[2])}]" in layers
+
+    dose = section(text, "Dose response")
+    for points in data["dose_response"].values():
+        for pt in points:
+            ci = pt["kld_ci"]
+            assert f"{g3(ci[0])} [{g3(ci[1])}, {g3(ci[2])}]" in dose
+
+
+# --------------------------------------------------------------------------------------------- verdicts
+
+
+def test_verdict_table_shows_every_verdict(rendered: Path, data: dict) -> None:
+    hyp = section((rendered / "index.md").read_text(), "Hypotheses")
+    assert {v["verdict"] for v in data["verdicts"]} == {"holds", "refuted", "inconclusive"}
+    for v in data["verdicts"]:
+        row = next(line for line in hyp.splitlines() if line.startswith(f"| {v['hypothesis']} | {v['model']} |"))
+        assert f"| **{v['verdict']}** |" in row
+        for c in v["comparisons"]:
+            assert f"difference {g3(c['difference'])} \\[{g3(c['ci95'][0])}, {g3(c['ci95'][1])}\\]" in row
+            assert g3(c["mean_a"]) in row and g3(c["mean_b"]) in row
+
+
+def test_hypothesis_sentences_follow_the_verdicts(rendered: Path) -> None:
+    hyp = section((rendered / "index.md").read_text(), "Hypotheses")
+    sentences = {m.group(1): m.group(0) for m in re.finditer(r"^\*\*(H\d)\*\*.*$", hyp, re.M)}
+    assert set(sentences) == {"H1", "H2", "H3", "H4", "H5"}
+    # H1: inconclusive on the Q4_1 model, holds on F32 -> the masking of 8-bit activation quantization
+    assert "differs between models" in sentences["H1"] and "masking" in sentences["H1"]
+    assert "inconclusive on smollm2-q4_1" in sentences["H1"] and "holds on smollm2-f32" in sentences["H1"]
+    assert "holds on both models" in sentences["H2"] and "masking" not in sentences["H2"]
+    assert "as expected (holds)" in sentences["H2"]
+    assert "refuted on smollm2-q4_1" in sentences["H5"]
+
+
+def test_sentence_when_a_verdict_changes(tmp_path: Path, data: dict) -> None:
+    changed = copy.deepcopy(data)
+    for v in changed["verdicts"]:
+        if v["hypothesis"] == "H1":
+            v["verdict"] = v["comparisons"][0]["verdict"] = "refuted"
+    hyp = section(render(write(tmp_path, changed), tmp_path / "out").read_text(), "Hypotheses")
+    line = next(line for line in hyp.splitlines() if line.startswith("**H1**"))
+    assert "is refuted on both models" in line
+    assert "| H1 | smollm2-q4_1 |" in hyp and "**refuted**" in hyp
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+
+def test_generation_marks_divergence(rendered: Path, data: dict) -> None:
+    gen = section((rendered / "index.md").read_text(), "Generation")
+    assert "A \\| B table: ↵ \\<row\\> one \\*two\\*" in gen  # escaped baseline text, line break shown
+    n_diverged = n_identical = 0
+    for g in data["groups"]:
+        if g["kind"] not in ("design", "control") or not g["rules"]:
+            continue
+        for e in g["generation"]:
+            if e["first_divergence"] is None:
+                n_identical += 1
+            else:
+                n_diverged += 1
+                assert f"first divergence at token {e['first_divergence']}" in gen
+    assert gen.count("first divergence at token") == n_diverged
+    assert gen.count("| identical to baseline |") == n_identical
+    assert "| `design_seed42` | seed 42 |" in gen
+
+
+# --------------------------------------------------------------------------------------------- skipping and errors
+
+
+def test_absent_data_skip_their_plots(tmp_path: Path, data: dict) -> None:
+    reduced = copy.deepcopy(data)
+    reduced["groups"] = [g for g in reduced["groups"] if g["kind"] != "sweep"]
+    del reduced["dose_response"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "dose_response.png").write_bytes(b"stale")
+    text = render(write(tmp_path, reduced), out).read_text()
+    assert "Plot skipped: the results hold no groups of kind `sweep`" in section(text, "Layer sensitivity")
+    assert "Plot skipped" in section(text, "Dose response")
+    assert not (out / "layer_sensitivity.png").exists() and not (out / "dose_response.png").exists()
+    assert (out / "groups.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_render_in_place(tmp_path: Path) -> None:
+    """Rendering the results.json that already lies in the output directory leaves it as it is."""
+    source = tmp_path / "results.json"
+    source.write_bytes(FIXTURE.read_bytes())
+    render(source, tmp_path)
+    assert source.read_bytes() == FIXTURE.read_bytes()
+
+
+def test_missing_results_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "results.json"
+    with pytest.raises(HarnessError, match="not found") as info:
+        render(missing, tmp_path / "out")
+    assert str(missing) in str(info.value)
+
+
+def test_results_without_groups(tmp_path: Path, data: dict) -> None:
+    broken = {k: v for k, v in data.items() if k != "groups"}
+    path = write(tmp_path, broken)
+    with pytest.raises(HarnessError, match="missing key 'groups'") as info:
+        render(path, tmp_path / "out")
+    assert str(path) in str(info.value)
+
+
+def test_group_without_a_needed_key(tmp_path: Path, data: dict) -> None:
+    broken = copy.deepcopy(data)
+    del broken["groups"][3]["tokens"]["kld_ci"]
+    path = write(tmp_path, broken)
+    with pytest.raises(HarnessError, match="kld_ci") as info:
+        render(path, tmp_path / "out")
+    assert str(path) in str(info.value)
+
+
+def test_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("{ not json")
+    with pytest.raises(HarnessError, match="not readable JSON"):
+        render(path, tmp_path / "out")
