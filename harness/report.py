@@ -446,7 +446,7 @@ def section_matrix(res: Results) -> list[str]:
             cols = rule_columns(g.get("rules") or [])
             rows.append([f"`{g['group']}`", g["kind"], cols["ffn_norm fq"], cols["logits fq"], cols["layers"],
                          cols["type"], str(g.get("fake_quant_sites", "–")),
-                         with_ci(t["kld_ci"][0], t["kld_ci"]), num(t["kld_p99"]),
+                         with_ci(t["kld_mean"], t["kld_ci"]), num(t["kld_p99"]),
                          with_ci(t["top1_agreement"], t["top1_ci"], ".4g", percent=True),
                          f"{ratio(t['ppl_ratio'])} [{ratio(math.exp(t['ln_ppl_ratio_ci'][1]))}, "
                          f"{ratio(math.exp(t['ln_ppl_ratio_ci'][2]))}]",
