@@ -68,6 +68,7 @@ class ModelSession:
     def key(self) -> dict[str, str]:
         return {"model": self.file.sha256, "build": self.build.fingerprint["key"], "corpus": self.corpus.sha256,
                 "code": _code_version(), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
+                "main_chunks": str(matrix.MAIN_CHUNKS),
                 "numerics_tokens": str(NUMERICS_TOKENS), "generation": f"{matrix.GENERATION_TOKENS}/{matrix.SEED}",
                 "block": str(matrix.BOOTSTRAP_BLOCK)}
 
