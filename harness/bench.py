@@ -201,6 +201,20 @@ def _build_times(b: Build) -> dict[str, float | None]:
     return {"cold_s": float(cold) if cold is not None else None, "warm_s": statistics.median(warm)}
 
 
+def _suite() -> dict | None:
+    """The suite's own share of wall time inside llama.cpp, from the last results file: each
+    group records its wall time and the time spent in llama_decode (target >= 90 %)."""
+    from harness.verdicts import results_path
+
+    path = results_path()
+    if not path.exists():
+        return None
+    prov = json.loads(path.read_text())["provenance"]
+    wall, compute = prov["group_wall_seconds"], prov["group_compute_seconds"]
+    return {"results": str(path), "group_wall_s": wall, "group_compute_s": compute,
+            "compute_share": compute / wall if wall else None, "target_share": 0.9}
+
+
 def _summary(result: dict) -> str:
     m = result["machine"]
     lines = [f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['threads']} threads), build {m['build_key']}; "
@@ -219,6 +233,9 @@ def _summary(result: dict) -> str:
                 cells.append(f"{e[phase]['tokens_per_s']:9.1f} {spread:>22}")
             lines.append(f"{name:14} {cfg:16} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
                          f" {e['memory']['max_rss_kib'] / 1024:8.1f}")
+    if suite := result.get("suite"):
+        lines.append(f"suite ({suite['results']}): {suite['group_compute_s']:.0f} s of {suite['group_wall_s']:.0f} s "
+                     f"group wall time inside llama_decode = {suite['compute_share']:.1%} (target >= 90 %)")
     return "\n".join(lines)
 
 
@@ -236,6 +253,7 @@ def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tok
                      "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
         "target_overhead_pct": TARGET_OVERHEAD_PCT,
         "models": {name: _bench_model(name, b, pp_tokens, tg_tokens, repetitions, threads) for name in models},
+        "suite": _suite(),
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     out = out or Path("report") / "bench.json"

@@ -134,7 +134,7 @@ def build(cuda: bool = False) -> Build:
                     raise HarnessError(f"the build finished without {name}")
             shutil.rmtree(tmp / "src")
             shutil.rmtree(tmp / "build")
-            info = dict(fp, build_seconds=f"{time.monotonic() - started:.1f}")
+            info = dict(fp, build_seconds=f"{time.monotonic() - started:.1f}", ccache=ccache.endswith("ON"))
             (tmp / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
 
         publish(final, make)
