@@ -8,8 +8,11 @@ from collections.abc import Iterator
 
 import pytest
 
-WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-os.environ.setdefault("FQ_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
+# only in xdist workers (the controller's environment is inherited by them): cores // workers,
+# since oversubscribed OpenMP threads spin against each other (5x slower, measured)
+if "PYTEST_XDIST_WORKER" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("FQ_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="session")
