@@ -108,5 +108,19 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
 
 # The verdicts measured on the pinned build (see README, "Findings"). A hypothesis expected to
 # hold is asserted; any other is a strict xfail carrying the measured figures, so a change
-# that makes it hold is noticed. Models not listed here have no expectation yet.
-EXPECTED: dict[tuple[str, str], str] = {}
+# that makes it hold is noticed (and the verdict snapshot shows any change at all). Models not
+# listed here have no expectation yet: their hypothesis tests fail with the measured figures.
+EXPECTED: dict[tuple[str, str], str] = {
+    # F32 weights: the rounding alone
+    ("H1", "smollm2-f32"): "refuted",       # logits bf16 hurts ~15x more than ffn_norm bf16 in every layer
+    ("H2", "smollm2-f32"): "refuted",       # the last 5 layers hurt ~3.6x more than the first 5
+    ("H3", "smollm2-f32"): "holds",
+    ("H4", "smollm2-f32"): "holds",         # bf16 ~30x f16
+    ("H5", "smollm2-f32"): "refuted",       # text prompts slightly more sensitive (CI just below 0)
+    # Q4_1 weights as shipped: the matmul re-quantizes activations to Q8, which any rounding perturbs
+    ("H1", "smollm2-q4_1"): "holds",
+    ("H2", "smollm2-q4_1"): "holds",
+    ("H3", "smollm2-q4_1"): "inconclusive",  # all == first5 within noise: the first layers dominate
+    ("H4", "smollm2-q4_1"): "inconclusive",  # bf16 == f16 within noise: Q8 re-quantization dominates
+    ("H5", "smollm2-q4_1"): "inconclusive",
+}
