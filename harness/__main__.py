@@ -26,21 +26,18 @@ def _model(args: argparse.Namespace) -> str:
 
 def _results(args: argparse.Namespace) -> str:
     """Every group of every experiment model (measured now, or from the cache) and the verdicts."""
-    import time
-
     from harness import matrix
     from harness.build import build
     from harness.corpus import load_corpus
     from harness.runner import ModelSession
     from harness.verdicts import write_results
 
-    started = time.time()
     fingerprint = build().fingerprint
     corpus = load_corpus()
     sessions = {name: ModelSession(name, build(), corpus) for name in matrix.experiment_models()}
     try:
         path = write_results(sessions, fingerprint, {"name": corpus.name, "sha256": corpus.sha256,
-                                                     "n_chars": len(corpus.text)}, started)
+                                                     "n_chars": len(corpus.text)})
     finally:
         for session in sessions.values():
             session.close()

@@ -393,8 +393,8 @@ def section_provenance(res: Results) -> list[str]:
         f"{m['sweep_chunks']} × {per_chunk} = {m['sweep_chunks'] * per_chunk} per sweep/scale group "
         f"(n_tokens in the results by kind: {measured}); bootstrap block {m['bootstrap_block']} tokens; "
         f"{m['generation_tokens']} generated tokens per prompt; seed {m['seed']}",
-        f"- Run time: {duration(p['run_seconds'])}; {share} of the groups' wall time "
-        f"({duration(wall)}) was spent inside llama.cpp compute ({duration(compute)})",
+        f"- Measurement: the groups took {duration(wall)} of wall time (summed over groups; parallel "
+        f"workers overlap), {share} of it inside llama.cpp compute ({duration(compute)})",
         "",
     ]
     lines += table(["model", "path", "sha256", "n_layer", "n_embd", "n_vocab"],

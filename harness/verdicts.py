@@ -90,7 +90,7 @@ def results_path() -> Path:
     return Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
 
 
-def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict, started: float) -> Path:
+def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict) -> Path:
     """Assemble every group of every model (from the runner's cache) and the verdicts into
     the results file the report reads."""
     groups, verdicts, models, dose = [], [], {}, {}
@@ -111,7 +111,6 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
             "matrix": {"n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM, "main_chunks": matrix.MAIN_CHUNKS,
                        "sweep_chunks": matrix.SWEEP_CHUNKS, "bootstrap_block": matrix.BOOTSTRAP_BLOCK,
                        "generation_tokens": matrix.GENERATION_TOKENS, "seed": matrix.SEED},
-            "run_seconds": round(time.time() - started, 1),
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
         "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose,
