@@ -50,6 +50,9 @@ def test_llama_perplexity_agrees(sessions, model, group_id):
     ours_kld = float(arrays["kld"][rows].mean())
     ours_top1 = float(arrays["top1"][rows].mean())
     assert len(rows) == CHUNKS * (matrix.N_CTX - 1 - matrix.N_CTX // 2)
-    assert abs(ours_kld - tool_kld) <= LOGPROB_STEP + 0.02 * ours_kld, (ours_kld, tool_kld)
-    # a top-1 can differ only where two base log-probs fall into one uint16 step
-    assert abs(ours_top1 - tool_top1) <= 3 / len(rows), (ours_top1, tool_top1)
+    # Its rounding errors are zero-mean, so over the vocabulary and ~1000 tokens they average far
+    # below one step: measured |difference| 1e-7..3e-6, under 1 % of the KLD. The bound: 1 % of
+    # the KLD plus 1/24 of a step (1e-5).
+    assert abs(ours_kld - tool_kld) <= 0.01 * ours_kld + LOGPROB_STEP / 24, (ours_kld, tool_kld)
+    # a top-1 can differ only where two base log-probs fall into one uint16 step (none seen)
+    assert abs(ours_top1 - tool_top1) <= 1 / len(rows), (ours_top1, tool_top1)
