@@ -24,7 +24,6 @@ from harness.driver import Context, Model
 from harness.metrics import TokenStats, generation_match, mean_ci, summarize, token_stats
 from harness.models import ModelFile, get_model
 from harness.reference import Capture
-from harness.rounding import fake_quantize
 
 NUMERICS_TOKENS = 128  # positions of chunk 0 whose per-layer tensors are compared
 HIST_BINS = 80

@@ -90,18 +90,22 @@ def results_path() -> Path:
     return Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
 
 
-def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict) -> Path:
-    """Assemble every group of every model (from the runner's cache) and the verdicts into
-    the results file the report reads."""
+def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict,
+                  group_ids: list[str] | None = None, path: Path | None = None) -> Path:
+    """Assemble every group of every model (from the runner's cache; `group_ids` limits it to
+    those, e.g. one `-k first5` run) with the verdicts and dose response their groups allow,
+    into the results file the report reads."""
     groups, verdicts, models, dose = [], [], {}, {}
     for name, session in sessions.items():
         models[name] = {"path": str(session.file.path), "sha256": session.file.sha256,
                         "n_layer": session.model.n_layer, "n_embd": session.model.n_embd,
                         "n_vocab": session.model.n_vocab}
-        for group_id in session.groups:
-            groups.append(session.run(group_id)[0])
-        verdicts += [evaluate(h, name, session.run) for h in matrix.HYPOTHESES]
-        dose[name] = dose_response(session.run)
+        chosen = [g for g in session.groups if group_ids is None or g in group_ids]
+        groups += [session.run(group_id)[0] for group_id in chosen]
+        verdicts += [evaluate(h, name, session.run) for h in matrix.HYPOTHESES
+                     if all(g in chosen for pair in h.comparisons for g in pair)]
+        if all(g in chosen for g in ("all", *map(matrix.scale_id, matrix.SCALES))):
+            dose[name] = dose_response(session.run)
     compute = sum(g["timing"]["compute_s"] for g in groups)
     wall = sum(g["timing"]["wall_s"] for g in groups)
     results = {
@@ -115,7 +119,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
         },
         "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose,
     }
-    path = results_path()
+    path = path or results_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return path

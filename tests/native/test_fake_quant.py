@@ -18,7 +18,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein publishe
         "the third introduced special relativity. 17 + 25 = 42, and 6 * 7 = 42 as well.")
 
 N_CTX = 96
-# (model, n_layer) cases; layer specs below refer to SmolLM2's 30 layers
+# fake-quant selections; layer specs refer to SmolLM2's 30 layers
 SELECTIONS = {
     "all": [FakeQuantRule("ffn_norm", "{fmt}")],
     "first5": [FakeQuantRule("ffn_norm", "{fmt}", "0-4")],

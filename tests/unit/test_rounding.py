@@ -1,6 +1,5 @@
 """Property and example tests for the numpy fake-quantization reference."""
 
-import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings

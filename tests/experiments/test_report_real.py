@@ -1,0 +1,32 @@
+"""The report renders from a real run: the results of `pytest -k first5` (baseline and first5 on
+every model), not only from the synthetic fixture of tests/unit/test_report.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness import matrix
+from harness.corpus import load_corpus
+from harness.report import render
+from harness.verdicts import write_results
+
+pytestmark = [pytest.mark.native, pytest.mark.experiment]
+
+
+def test_report_renders_first5_run(sessions, build, tmp_path):
+    models = {name: sessions[name] for name in sorted(matrix.experiment_models())}
+    corpus = load_corpus()
+    results = write_results(models, build.fingerprint, {"name": corpus.name, "sha256": corpus.sha256,
+                                                        "n_chars": len(corpus.text)},
+                            group_ids=["baseline", "first5"], path=tmp_path / "results.json")
+    index = render(results, tmp_path / "report")
+    text = index.read_text()
+    data = json.loads(results.read_text())
+    for group in data["groups"]:
+        assert f"`{group['group']}`" in text
+        if group["group"] == "first5":
+            assert f"{group['tokens']['kld_mean']:.3g}" in text
+    pngs = list((tmp_path / "report").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
