@@ -34,7 +34,7 @@ from pathlib import Path
 
 from harness import driver
 from harness.build import Build, build
-from harness.cache import HarnessError, progress
+from harness.cache import HarnessError, cpu_model, progress
 from harness.corpus import load_corpus
 from harness.driver import Context, FakeQuantRule, Model
 from harness.models import get_model
@@ -173,17 +173,8 @@ def _bench_model(name: str, b: Build, pp_tokens: int, tg_tokens: int, repetition
             "configs": configs}
 
 
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor())
-
-
 def _machine(threads: int, b: Build) -> dict:
-    return {"cpu_count": os.cpu_count(), "cpu_model": _cpu_model(), "threads": threads, "platform": platform.platform(),
+    return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "threads": threads, "platform": platform.platform(),
             "python": platform.python_version(), "build_key": b.fingerprint["key"],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": os.getloadavg()}

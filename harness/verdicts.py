@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from harness import matrix
+from harness.cache import cpu_model
 from harness.metrics import Verdict, decide, mean_ci, paired_bootstrap_ci
 
 RESULTS_ENV = "FQ_RESULTS"
@@ -110,7 +111,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
     wall = sum(g["timing"]["wall_s"] for g in groups)
     results = {
         "provenance": {
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(), "cpu": _cpu_model(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(), "cpu": cpu_model(),
             "python": platform.python_version(), "build": build_fingerprint, "corpus": corpus,
             "matrix": {"n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM, "main_chunks": matrix.MAIN_CHUNKS,
                        "sweep_chunks": matrix.SWEEP_CHUNKS, "bootstrap_block": matrix.BOOTSTRAP_BLOCK,
@@ -123,13 +124,3 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return path
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
