@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,7 +86,7 @@ def _LOG_CALLBACK(level: int, text: bytes, _user: int) -> None:  # noqa: N802
     _log_lines.append(line)
     del _log_lines[:-200]
     if os.environ.get("FQ_VERBOSE"):
-        print(line, end="", file=__import__("sys").stderr)
+        print(line, end="", file=sys.stderr)
 
 
 class _TensorHead(ctypes.Structure):

@@ -60,11 +60,12 @@ class TokenStats:
         )
 
 
-def _shifted(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows in float64 minus their max, and the row sums of exp of that (log-sum-exp parts)."""
+def _shifted(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows in float64 minus their max, exp of that, and its row sums (log-sum-exp parts)."""
     x = logits.astype(np.float64)
     x -= x.max(axis=1, keepdims=True)
-    return x, np.exp(x).sum(axis=1)
+    e = np.exp(x)
+    return x, e, e.sum(axis=1)
 
 
 def token_stats(
@@ -102,9 +103,8 @@ def token_stats(
             raise ValueError(f"non-finite logits in rows {start}..{start + len(b) - 1}")
         # KLD = sum p_b (log p_b - log p_t) = [sum e_b (x_b - x_t)] / s_b - log s_b + log s_t with
         # x max-shifted rows, e = exp(x), s = sum(e): one fused product instead of two log-softmaxes
-        xb, sb = _shifted(b)
-        xt, st = _shifted(t)
-        eb = np.exp(xb)
+        xb, eb, sb = _shifted(b)
+        xt, _, st = _shifted(t)
         idx = np.arange(len(b))
         tgt = targets[rows]
         lb = xb[idx, tgt] - np.log(sb)
