@@ -56,26 +56,51 @@ def load_corpus() -> Corpus:
     return Corpus(name, text, hashlib.sha256(text.encode()).hexdigest())
 
 
-def arithmetic_tasks(n: int = 24, seed: int = 1234) -> list[tuple[str, str]]:
-    """(question, answer) pairs: sums and products of small integers, fixed by the seed."""
+TASKS_PER_KIND = 100  # H5 compares per-prompt mean KLD: 100 prompts of each kind
+
+
+def arithmetic_tasks(n: int = TASKS_PER_KIND, seed: int = 1234) -> list[tuple[str, str]]:
+    """(question, answer) pairs: distinct sums and products of small integers, alternating,
+    fixed by the seed."""
+    if n < 1:
+        raise ValueError(f"need at least 1 arithmetic task, got n={n}")
     rng = random.Random(seed)
-    tasks = []
-    for i in range(n):
-        a, b = rng.randint(11, 99), rng.randint(2, 99 if i % 2 == 0 else 12)
-        op, value = ("+", a + b) if i % 2 == 0 else ("*", a * b)
-        tasks.append((f"Q: What is {a} {op} {b}?\nA:", f" {value}"))
-    return tasks
+    tasks: dict[str, str] = {}
+    while len(tasks) < n:
+        add = len(tasks) % 2 == 0
+        a, b = rng.randint(11, 99), rng.randint(2, 99 if add else 12)
+        op, value = ("+", a + b) if add else ("*", a * b)
+        tasks.setdefault(f"Q: What is {a} {op} {b}?\nA:", f" {value}")
+    return list(tasks.items())
 
 
-def text_tasks(corpus: Corpus, n: int = 24, skip_chars: int = 300_000) -> list[tuple[str, str]]:
-    """(context, continuation) pairs cut from sentences of the corpus beyond the evaluated slice."""
+def text_tasks(corpus: Corpus, n: int = TASKS_PER_KIND, skip_chars: int = 300_000) -> list[tuple[str, str]]:
+    """(context, continuation) pairs: n distinct sentences of the corpus beyond the evaluated
+    slice, evenly spaced, each cut in half at a word boundary."""
+    if n < 1:
+        raise ValueError(f"need at least 1 text task, got n={n}")
     sentences = [" ".join(s.split()) for s in corpus.text[skip_chars:].split(". ")]
-    sentences = [s for s in sentences if 60 <= len(s) <= 160 and s.isascii() and len(s.split()) >= 8]
+    sentences = list(dict.fromkeys(s for s in sentences if 60 <= len(s) <= 160 and s.isascii() and len(s.split()) >= 8))
     if len(sentences) < n:
-        raise HarnessError(f"corpus {corpus.name} has too few sentences for {n} text tasks")
+        raise HarnessError(f"corpus {corpus.name} has {len(sentences)} usable sentences beyond character "
+                           f"{skip_chars}, too few for {n} text tasks")
     step = len(sentences) // n
     tasks = []
     for words in (sentences[i * step].split() for i in range(n)):
         half = len(words) // 2
         tasks.append((" ".join(words[:half]), " " + " ".join(words[half:]) + "."))
     return tasks
+
+
+def cut_chunks(tokens: list[int], n_ctx: int, n_chunks: int, bos: int | None) -> list[list[int]]:
+    """The first n_chunks chunks of n_ctx tokens, as llama-perplexity cuts them: consecutive
+    slices of the text tokenized once, the first token of each replaced by BOS (when the model has one)."""
+    if n_ctx < 2 or n_chunks < 1:
+        raise ValueError(f"need n_ctx >= 2 and n_chunks >= 1, got n_ctx={n_ctx}, n_chunks={n_chunks}")
+    if len(tokens) < n_ctx * n_chunks:
+        raise HarnessError(f"the corpus gives {len(tokens)} tokens: need {n_chunks} chunks of {n_ctx}")
+    chunks = [list(tokens[i * n_ctx:(i + 1) * n_ctx]) for i in range(n_chunks)]
+    if bos is not None:
+        for chunk in chunks:
+            chunk[0] = bos
+    return chunks

@@ -1,13 +1,16 @@
 """The experiment matrix as data: one table of groups, the models they run on, how much text
-each kind of group evaluates, and the hypotheses with the verdicts measured for them.
+each kind of group evaluates, and the hypotheses.
 
 Groups depend on the model only through its layer count (first5/last5, the per-layer sweep).
+The verdicts recorded for each model are data too, kept with the snapshots
+(tests/snapshots/verdicts/MODEL.json, written by --snapshot-update), not here.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness.driver import FakeQuantRule
 
@@ -23,7 +26,6 @@ MAIN_CHUNKS = 9      # 9 x 447 = 4023 scored tokens for the design's groups
 SWEEP_CHUNKS = 2     # 894 scored tokens (the first 2 chunks) per point of the layer and scale sweeps
 GENERATION_TOKENS = 50
 SEED = 42
-BOOTSTRAP_BLOCK = 32  # tokens of one text are correlated: resample blocks of 32
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Group:
     chunks: int = MAIN_CHUNKS
     generation: bool = True  # greedy continuations and the seeded scenario
     numerics: bool = True    # per-layer error accumulation and ffn_norm statistics
+    tasks: bool = False      # the H5 prompts (arithmetic vs text), measured where H5 looks
 
     @property
     def layer(self) -> int | None:
@@ -62,7 +65,7 @@ def groups(n_layer: int) -> tuple[Group, ...]:
     table = [
         # the baseline group re-computes one chunk: its job is to reproduce the cached baseline bits
         Group("baseline", "design", "no fake quantization", chunks=1),
-        Group("all", "design", "ffn_norm bf16, all layers", (ffn(),)),
+        Group("all", "design", "ffn_norm bf16, all layers", (ffn(),), tasks=True),
         Group("first5", "design", "ffn_norm bf16, layers 0-4", (ffn(layers="0-4"),)),
         Group("last5", "design", f"ffn_norm bf16, layers {n_layer - 5}-{n_layer - 1}",
               (ffn(layers=f"{n_layer - 5}-{n_layer - 1}"),)),
@@ -80,13 +83,24 @@ def groups(n_layer: int) -> tuple[Group, ...]:
 
 
 def experiment_models() -> dict[str, int]:
-    """The models the matrix runs on: MODELS, or the names in $FQ_EXPERIMENT_MODELS."""
+    """The models the matrix runs on: MODELS, or the names in $FQ_EXPERIMENT_MODELS (a user
+    model's GGUF is checked here, so a broken file is named at collection)."""
     names = os.environ.get(MODELS_ENV)
     if not names:
         return dict(MODELS)
     from harness.models import layer_count
 
     return {name: MODELS.get(name) or layer_count(name) for name in names.split(",")}
+
+
+def model_label(name: str) -> str:
+    """The name a model's snapshots and recorded verdicts are kept under: its matrix name, or
+    the file name (without .gguf) of a user model, so two user models never share records."""
+    if name == "user":
+        from harness.models import USER_MODEL_ENV
+
+        name = os.environ.get(USER_MODEL_ENV, "user")
+    return Path(name).stem if name.endswith(".gguf") or os.sep in name else name
 
 
 @dataclass(frozen=True)
@@ -105,22 +119,3 @@ HYPOTHESES: tuple[Hypothesis, ...] = (
     Hypothesis("H4", "bf16 hurts more than f16", (("all", "all_f16"),)),
     Hypothesis("H5", "arithmetic prompts are more sensitive than text prompts", (("all", "all"),), task=True),
 )
-
-# The verdicts measured on the pinned build (see README, "Findings"). A hypothesis expected to
-# hold is asserted; any other is a strict xfail carrying the measured figures, so a change
-# that makes it hold is noticed (and the verdict snapshot shows any change at all). Models not
-# listed here have no expectation yet: their hypothesis tests fail with the measured figures.
-EXPECTED: dict[tuple[str, str], str] = {
-    # F32 weights: the rounding alone
-    ("H1", "smollm2-f32"): "refuted",       # logits bf16 hurts ~15x more than ffn_norm bf16 in every layer
-    ("H2", "smollm2-f32"): "refuted",       # the last 5 layers hurt ~3.6x more than the first 5
-    ("H3", "smollm2-f32"): "holds",
-    ("H4", "smollm2-f32"): "holds",         # bf16 ~30x f16
-    ("H5", "smollm2-f32"): "refuted",       # text prompts slightly more sensitive (CI just below 0)
-    # Q4_1 weights as shipped: the matmul re-quantizes activations to Q8, which any rounding perturbs
-    ("H1", "smollm2-q4_1"): "holds",
-    ("H2", "smollm2-q4_1"): "holds",
-    ("H3", "smollm2-q4_1"): "inconclusive",  # all == first5 within noise: the first layers dominate
-    ("H4", "smollm2-q4_1"): "inconclusive",  # bf16 == f16 within noise: Q8 re-quantization dominates
-    ("H5", "smollm2-q4_1"): "inconclusive",
-}

@@ -4,8 +4,8 @@ These are the statistics ``llama-perplexity --kl-divergence`` prints (KL diverge
 percentiles, top-1 agreement, perplexities, change in the target token's probability),
 recomputed here from full logits in float64 so the suite does not depend on llama.cpp's
 own float32 accumulation.  Logits are processed in row blocks so the float64
-temporaries stay bounded however many tokens are scored.  The bootstrap helpers turn
-per-token values into confidence intervals and a three-way verdict.
+temporaries stay bounded however many tokens are scored.  Intervals and verdicts are
+harness.intervals' job.
 """
 
 from __future__ import annotations
@@ -13,17 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 BLOCK_ROWS = 16  # rows per float64 pass: small enough to stay in cache (5x faster than 256)
 """Default number of logit rows converted to float64 at a time."""
-
-_BOOTSTRAP_CELLS = 1 << 20
-"""Upper bound on block starts drawn at once by the bootstrap (8 MiB of int64)."""
-
 
 @dataclass(frozen=True)
 class TokenStats:
@@ -147,82 +142,6 @@ def summarize(stats: TokenStats) -> dict[str, float]:
         "dp_mean": float(np.mean(stats.dp)),
         "dp_rms": math.sqrt(float(np.mean(np.square(stats.dp)))),
     }
-
-
-def paired_bootstrap_ci(
-    a: np.ndarray,
-    b: np.ndarray | None = None,
-    *,
-    n_resamples: int = 2000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    block: int = 1,
-) -> tuple[float, float, float]:
-    """Percentile-bootstrap ``(estimate, lo, hi)`` of ``mean(a - b)`` (``mean(a)`` if ``b`` is None).
-
-    With ``block > 1`` this is a moving-block bootstrap: ``ceil(n / block)`` block
-    starts are drawn uniformly from ``range(n - block + 1)``, the blocks concatenated
-    and truncated to ``n``, which respects correlation between neighbouring tokens.
-    """
-    d = np.asarray(a, dtype=np.float64)
-    if b is not None:
-        d = d - np.asarray(b, dtype=np.float64)
-    if d.ndim != 1:
-        raise ValueError(f"expected 1-D data, got shape {d.shape}")
-    n = len(d)
-    if n == 0:
-        raise ValueError("cannot bootstrap zero samples")
-    if not 1 <= block <= n:
-        raise ValueError(f"block must be in [1, {n}], got {block}")
-    if n_resamples < 1:
-        raise ValueError("n_resamples must be >= 1")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError("confidence must be in (0, 1)")
-
-    # A resample's sum is k-1 full block sums plus a partial block of length `tail`,
-    # each a difference of prefix sums, so no n_resamples x n gather is needed.
-    k = -(-n // block)
-    tail = n - (k - 1) * block
-    csum = np.concatenate(([0.0], np.cumsum(d)))
-    full = csum[block:] - csum[: n - block + 1]
-    part = csum[tail : tail + n - block + 1] - csum[: n - block + 1]
-
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_resamples, dtype=np.float64)
-    chunk = max(1, _BOOTSTRAP_CELLS // k)
-    for start in range(0, n_resamples, chunk):
-        m = min(chunk, n_resamples - start)
-        starts = rng.integers(0, n - block + 1, size=(m, k))
-        sums = full[starts[:, :-1]].sum(axis=1) + part[starts[:, -1]]
-        means[start : start + m] = sums / n
-
-    alpha = 1.0 - confidence
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2], method="linear")
-    return float(np.mean(d)), float(lo), float(hi)
-
-
-def mean_ci(a: np.ndarray, **kw: Any) -> tuple[float, float, float]:
-    """Bootstrap ``(estimate, lo, hi)`` of ``mean(a)``; keywords as for :func:`paired_bootstrap_ci`."""
-    return paired_bootstrap_ci(a, None, **kw)
-
-
-class Verdict(StrEnum):
-    """Outcome of testing the hypothesis "difference > 0" against a confidence interval."""
-
-    HOLDS = "holds"
-    REFUTED = "refuted"
-    INCONCLUSIVE = "inconclusive"
-
-
-def decide(estimate_lo: float, estimate_hi: float) -> Verdict:
-    """``holds`` if the interval lies above 0, ``refuted`` if below, else ``inconclusive``."""
-    if estimate_lo > estimate_hi:
-        raise ValueError(f"lower bound {estimate_lo} exceeds upper bound {estimate_hi}")
-    if estimate_lo > 0:
-        return Verdict.HOLDS
-    if estimate_hi < 0:
-        return Verdict.REFUTED
-    return Verdict.INCONCLUSIVE
 
 
 def generation_match(base_tokens: Sequence[int], test_tokens: Sequence[int]) -> dict[str, Any]:

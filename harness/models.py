@@ -34,14 +34,46 @@ class ModelFile:
     sha256: str
 
 
-def check_gguf(path: Path) -> None:
-    """A clear error for a missing, unreadable or non-GGUF file."""
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What the suite reads from a GGUF's metadata."""
+
+    arch: str
+    n_layer: int
+    weight_type: str  # general.file_type without its MOSTLY_/ALL_ prefix (Q4_1, F32, F16, ...), or "unknown"
+
+
+def check_gguf(path: Path) -> GGUFInfo:
+    """Parse a GGUF file's header, metadata and tensor table; a clear error naming the file
+    when it is missing, not a GGUF, truncated or corrupt (instead of a reshape error deep in a reader)."""
+    from gguf import GGUFReader, LlamaFileType
+
     if not path.is_file():
         raise HarnessError(f"model file not found: {path}")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic != b"GGUF":
         raise HarnessError(f"{path} is not a GGUF file (first bytes {magic!r}, expected b'GGUF')")
+    size = path.stat().st_size
+    try:
+        reader = GGUFReader(path)
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+        arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+        blocks = reader.fields.get(f"{arch}.block_count")
+        file_type = reader.fields.get("general.file_type")
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as exc:
+        raise HarnessError(f"{path} is truncated or corrupt ({size} bytes): {type(exc).__name__}: {exc}") from None
+    if end > size:
+        raise HarnessError(f"{path} is truncated: its tensors end at byte {end}, the file has {size}")
+    if blocks is None:
+        raise HarnessError(f"{path}: no {arch}.block_count in its metadata")
+    weight_type = "unknown"
+    if file_type is not None:
+        try:
+            weight_type = LlamaFileType(int(file_type.parts[-1][0])).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        except ValueError:
+            weight_type = f"file_type {int(file_type.parts[-1][0])}"
+    return GGUFInfo(arch, int(blocks.parts[-1][0]), weight_type)
 
 
 def _extract(tmp: Path, members: list[tuple[Path, str]], sha256: str) -> None:
@@ -105,15 +137,7 @@ def _user(path: Path) -> ModelFile:
 
 def layer_count(name: str) -> int:
     """The layer count of a user model, read from its GGUF metadata (no build needed)."""
-    from gguf import GGUFReader
-
-    path = get_model(name, None).path
-    reader = GGUFReader(path)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    field = reader.fields.get(f"{arch}.block_count")
-    if field is None:
-        raise HarnessError(f"{path}: no {arch}.block_count in its metadata")
-    return int(field.parts[-1][0])
+    return check_gguf(get_model(name, None).path).n_layer
 
 
 def get_model(name: str, build: Build | None) -> ModelFile:

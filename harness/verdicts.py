@@ -1,9 +1,11 @@
-"""Hypotheses → verdicts, and the results file that carries every group's metrics to the report.
+"""Hypotheses → verdicts, the recorded verdicts they are checked against, and the results file
+that carries every group's metrics to the report.
 
-A comparison "group a hurts more than group b" is the paired moving-block bootstrap 95 % CI of
-the per-token KLD difference (same tokens, same baseline): above 0 holds, below 0 refuted,
-straddling 0 inconclusive. H5 compares per-prompt mean KLD of arithmetic and text prompts
-(independent samples) with a two-sample bootstrap.
+A comparison "group a hurts more than group b" is the paired circular-block-bootstrap interval
+of the per-token KLD difference (same tokens, same baseline); H5 compares the per-prompt mean KLD
+of arithmetic and text prompts (independent samples). Each model's comparisons form one family:
+their p-values are Holm-adjusted, and a comparison holds (refuted) when its adjusted p-value is
+below intervals.FAMILY_LEVEL and the difference is positive (negative), else it is inconclusive.
 """
 
 from __future__ import annotations
@@ -16,76 +18,140 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
-from harness import matrix
-from harness.cache import cpu_model
-from harness.metrics import Verdict, decide, mean_ci, paired_bootstrap_ci
+from harness import intervals, matrix
+from harness.cache import cache_root, cpu_model
 
 RESULTS_ENV = "FQ_RESULTS"
 DEFAULT_RESULTS = Path("report") / "results.json"
+RECORDED_DIR = Path(__file__).resolve().parents[1] / "tests" / "snapshots" / "verdicts"
+RECORD_COMMAND = "pytest tests/experiments -n 2 --snapshot-update"
 
 GroupData = Callable[[str], tuple[dict, dict[str, np.ndarray]]]  # group id -> (record, arrays)
 
 
-def two_sample_ci(a: np.ndarray, b: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Percentile bootstrap (estimate, lo, hi) of mean(a) - mean(b) for independent samples."""
-    rng = np.random.default_rng(seed)
-    ma = a[rng.integers(0, len(a), (n_resamples, len(a)))].mean(axis=1)
-    mb = b[rng.integers(0, len(b), (n_resamples, len(b)))].mean(axis=1)
-    lo, hi = np.quantile(ma - mb, [0.025, 0.975])
-    return float(a.mean() - b.mean()), float(lo), float(hi)
-
-
-def combine(verdicts: list[str]) -> str:
-    """Every comparison must hold; one refuted refutes; otherwise inconclusive."""
-    if all(v == Verdict.HOLDS for v in verdicts):
-        return Verdict.HOLDS.value
-    if any(v == Verdict.REFUTED for v in verdicts):
-        return Verdict.REFUTED.value
-    return Verdict.INCONCLUSIVE.value
-
-
-def evaluate(hypothesis: matrix.Hypothesis, model: str, data: GroupData) -> dict:
-    """The verdict of one hypothesis on one model, with the figures that decided it."""
-    comparisons = []
-    for a, b in hypothesis.comparisons:
+def family(model: str, data: GroupData, seed: int = intervals.SEED,
+           resamples: int = intervals.RESAMPLES) -> list[dict]:
+    """The verdict of every hypothesis on one model, decided together (Holm over all their
+    comparisons), each with the figures that decided it."""
+    rows = []  # (hypothesis, comparison dict without verdict)
+    for k, (hypothesis, (a, b)) in enumerate((h, pair) for h in matrix.HYPOTHESES for pair in h.comparisons):
         rec_a, arr_a = data(a)
         if hypothesis.task:
             x, y = arr_a["task_kld_arithmetic"], arr_a["task_kld_text"]
-            est, lo, hi = two_sample_ci(x, y)
-            label_a, label_b, unit = f"{a}: arithmetic", f"{a}: text", "per-prompt mean KLD"
-            mean_a, mean_b = float(x.mean()), float(y.mean())
+            ci = intervals.two_sample_ci(x, y, seed=[seed, k], resamples=resamples)
+            c = {"a": f"{a}: arithmetic", "b": f"{a}: text", "unit": f"per-prompt mean KLD ({len(x)} vs {len(y)} prompts)",
+                 "mean_a": float(x.mean()), "mean_b": float(y.mean())}
         else:
             rec_b, arr_b = data(b)
-            est, lo, hi = paired_bootstrap_ci(arr_a["kld"], arr_b["kld"], block=matrix.BOOTSTRAP_BLOCK)
-            label_a, label_b, unit = a, b, "per-token KLD"
-            mean_a, mean_b = rec_a["tokens"]["kld_mean"], rec_b["tokens"]["kld_mean"]
-        comparisons.append({"a": label_a, "b": label_b, "unit": unit, "mean_a": mean_a, "mean_b": mean_b,
-                            "difference": est, "ci95": [lo, hi], "verdict": decide(lo, hi).value})
-    return {"hypothesis": hypothesis.id, "model": model, "statement": hypothesis.statement,
-            "comparisons": comparisons, "verdict": combine([c["verdict"] for c in comparisons]),
-            "expected": matrix.EXPECTED.get((hypothesis.id, model))}
+            ci = intervals.paired_ci(arr_a["kld"], arr_b["kld"], seed=[seed, k], resamples=resamples)
+            c = {"a": a, "b": b, "unit": f"per-token KLD ({len(arr_a['kld'])} tokens, paired)",
+                 "mean_a": rec_a["tokens"]["kld_mean"], "mean_b": rec_b["tokens"]["kld_mean"]}
+        rows.append((hypothesis, dict(c, difference=ci.estimate, ci95=[ci.lo, ci.hi], block=ci.block, p=ci.p)))
+    adjusted = intervals.holm([c["p"] for _, c in rows])
+    out = []
+    for hypothesis in matrix.HYPOTHESES:
+        comparisons = []
+        for (h, c), p_holm in zip(rows, adjusted):
+            if h is hypothesis:
+                comparisons.append(dict(c, p_holm=p_holm, verdict=intervals.decide(c["difference"], p_holm).value))
+        out.append({"hypothesis": hypothesis.id, "model": model, "statement": hypothesis.statement,
+                    "comparisons": comparisons,
+                    "verdict": intervals.combine([c["verdict"] for c in comparisons]).value})
+    return out
 
 
 def figures(verdict: dict) -> str:
-    """One line with the measured figures, for xfail reasons and the report."""
+    """One line with the measured figures, for test messages, recorded verdicts and the report."""
     return "; ".join(f"{c['a']} {c['mean_a']:.4g} vs {c['b']} {c['mean_b']:.4g}: difference {c['difference']:.3g} "
-                     f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}] {c['verdict']}" for c in verdict["comparisons"])
+                     f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}] Holm p {c['p_holm']:.2g} {c['verdict']}"
+                     for c in verdict["comparisons"])
 
 
-def dose_response(data: GroupData) -> list[dict]:
+# recorded verdicts ---------------------------------------------------------------------------
+
+def recorded_path(label: str) -> Path:
+    return RECORDED_DIR / f"{label}.json"
+
+
+def recorded_verdicts(label: str) -> dict[str, dict]:
+    """hypothesis id -> {"verdict", "figures", "build"} as recorded for this model ({} if none)."""
+    path = recorded_path(label)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return dict(data["verdicts"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"recorded verdicts {path} are malformed ({exc}): re-record with {RECORD_COMMAND}") from None
+
+
+def record_verdict(label: str, verdict: dict, build_key: str) -> None:
+    """Write one measured verdict into the model's record (read-modify-write under a lock, so
+    parallel workers recording different hypotheses lose nothing)."""
+    path = recorded_path(label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_root() / f"recorded-verdicts-{label}.lock")):
+        verdicts = recorded_verdicts(label)
+        verdicts[verdict["hypothesis"]] = {"verdict": verdict["verdict"], "figures": figures(verdict),
+                                           "build": build_key}
+        data = {"model": label, "family_level": intervals.FAMILY_LEVEL,
+                "verdicts": dict(sorted(verdicts.items()))}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
+
+# intervals of single groups -------------------------------------------------------------------
+
+def with_intervals(record: dict, arrays: dict[str, np.ndarray], seed: int = intervals.SEED) -> dict:
+    """The group's record with its 95 % CIs ([estimate, lo, hi]) and the block lengths used:
+    KLD, top-1 agreement and ln PPL ratio over tokens (circular blocks), and for the H5 prompts
+    per-prompt means (independent)."""
+    out = json.loads(json.dumps(record))
+    tokens = out["tokens"]
+    kld = intervals.mean_ci(arrays["kld"], seed=[seed, 0])
+    top1 = intervals.mean_ci(arrays["top1"].astype(np.float64), seed=[seed, 1])
+    ln_ppl = intervals.mean_ci(arrays["nll_test"] - arrays["nll_base"], seed=[seed, 2])
+    tokens.update(kld_ci=kld.triple(), top1_ci=top1.triple(), ln_ppl_ratio_ci=ln_ppl.triple(),
+                  blocks={"kld": kld.block, "top1": top1.block, "ln_ppl_ratio": ln_ppl.block})
+    if "tasks" in out:
+        for i, kind in enumerate(("arithmetic", "text")):
+            per_prompt = arrays[f"task_kld_{kind}"]
+            out["tasks"][kind].update(n_prompts=len(per_prompt),
+                                      kld_ci=intervals.mean_ci(per_prompt, block=1, seed=[seed, 3 + i]).triple())
+        delta = arrays["answer_logprob_delta"]
+        out["tasks"]["answer_logprob"] = {"delta_ci": intervals.mean_ci(delta, block=1, seed=[seed, 5]).triple()}
+    return out
+
+
+def sweep_top(data: GroupData, n_layer: int, seed: int = intervals.SEED) -> dict:
+    """The most sensitive layer of the per-layer sweep against the runner-up: the paired
+    interval of their per-token KLD difference (same tokens) and whether it excludes 0."""
+    means = {il: data(f"layer{il:02d}")[0]["tokens"]["kld_mean"] for il in range(n_layer)}
+    top, runner_up = sorted(means, key=lambda il: -means[il])[:2]
+    ci = intervals.paired_ci(data(f"layer{top:02d}")[1]["kld"], data(f"layer{runner_up:02d}")[1]["kld"],
+                             seed=[seed, 6])
+    return {"top": top, "runner_up": runner_up, "kld_top": means[top], "kld_runner_up": means[runner_up],
+            "difference_ci": ci.triple(), "block": ci.block, "p": ci.p, "distinguishable": ci.lo > 0}
+
+
+def dose_response(data: GroupData, seed: int = intervals.SEED) -> list[dict]:
     """Mean KLD (95 % CI) against the scale of ffn_norm bf16 fake quantization on the sweep
     slice: 0 is the baseline, 1 the `all` group restricted to the same tokens."""
     points = [{"scale": 0.0, "kld_ci": [0.0, 0.0, 0.0]}]
     n = None
-    for scale in matrix.SCALES:
+    for k, scale in enumerate(matrix.SCALES):
         record, arrays = data(matrix.scale_id(scale))
         n = len(arrays["kld"])
-        points.append({"scale": record["scale"], "kld_ci": record["tokens"]["kld_ci"]})
+        points.append({"scale": record["scale"], "kld_ci": intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k]).triple()})
     full = data("all")[1]["kld"][:n]
-    points.append({"scale": 1.0, "kld_ci": list(mean_ci(full, block=matrix.BOOTSTRAP_BLOCK))})
+    points.append({"scale": 1.0, "kld_ci": intervals.mean_ci(full, seed=[seed, 7 + len(matrix.SCALES)]).triple()})
     return points
 
+
+# the results file ------------------------------------------------------------------------------
 
 def results_path() -> Path:
     return Path(os.environ.get(RESULTS_ENV, DEFAULT_RESULTS))
@@ -94,19 +160,26 @@ def results_path() -> Path:
 def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: dict,
                   group_ids: list[str] | None = None, path: Path | None = None) -> Path:
     """Assemble every group of every model (from the runner's cache; `group_ids` limits it to
-    those, e.g. one `-k first5` run) with the verdicts and dose response their groups allow,
-    into the results file the report reads."""
-    groups, verdicts, models, dose = [], [], {}, {}
+    those, e.g. one `-k first5` run) with the intervals, verdicts (and the recorded ones),
+    sweep comparison and dose response their groups allow, into the results file the report reads."""
+    groups, verdicts, models, dose, sweeps = [], [], {}, {}, {}
     for name, session in sessions.items():
-        models[name] = {"path": str(session.file.path), "sha256": session.file.sha256,
+        label = matrix.model_label(name)
+        models[name] = {"label": label, "path": str(session.file.path), "sha256": session.file.sha256,
+                        "arch": session.info.arch, "weight_type": session.info.weight_type,
                         "n_layer": session.model.n_layer, "n_embd": session.model.n_embd,
                         "n_vocab": session.model.n_vocab}
         chosen = [g for g in session.groups if group_ids is None or g in group_ids]
-        groups += [session.run(group_id)[0] for group_id in chosen]
-        verdicts += [evaluate(h, name, session.run) for h in matrix.HYPOTHESES
-                     if all(g in chosen for pair in h.comparisons for g in pair)]
+        groups += [with_intervals(*session.run(group_id)) for group_id in chosen]
+        if all(g in chosen for h in matrix.HYPOTHESES for pair in h.comparisons for g in pair):
+            recorded = recorded_verdicts(label)
+            verdicts += [dict(v, recorded=(recorded.get(v["hypothesis"]) or {}).get("verdict"))
+                         for v in family(name, session.run)]
         if all(g in chosen for g in ("all", *map(matrix.scale_id, matrix.SCALES))):
             dose[name] = dose_response(session.run)
+        layers = [f"layer{il:02d}" for il in range(session.model.n_layer)]
+        if len(layers) >= 2 and all(g in chosen for g in layers):
+            sweeps[name] = sweep_top(session.run, session.model.n_layer)
     compute = sum(g["timing"]["compute_s"] for g in groups)
     wall = sum(g["timing"]["wall_s"] for g in groups)
     results = {
@@ -114,11 +187,15 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(), "cpu": cpu_model(),
             "python": platform.python_version(), "build": build_fingerprint, "corpus": corpus,
             "matrix": {"n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM, "main_chunks": matrix.MAIN_CHUNKS,
-                       "sweep_chunks": matrix.SWEEP_CHUNKS, "bootstrap_block": matrix.BOOTSTRAP_BLOCK,
-                       "generation_tokens": matrix.GENERATION_TOKENS, "seed": matrix.SEED},
+                       "sweep_chunks": matrix.SWEEP_CHUNKS, "generation_tokens": matrix.GENERATION_TOKENS,
+                       "seed": matrix.SEED},
+            "statistics": {"method": "circular block bootstrap, Politis-White block length (arch)",
+                           "resamples": intervals.RESAMPLES, "confidence": intervals.CONFIDENCE,
+                           "family_level": intervals.FAMILY_LEVEL, "correction": "Holm", "seed": intervals.SEED,
+                           "record_command": RECORD_COMMAND},
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
-        "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose,
+        "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose, "sweep_top": sweeps,
     }
     path = path or results_path()
     path.parent.mkdir(parents=True, exist_ok=True)

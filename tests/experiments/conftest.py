@@ -1,17 +1,38 @@
-"""Experiment fixtures: one ModelSession per model and worker; snapshots in tests/snapshots/,
-one JSON file per snapshot (so parallel --snapshot-update loses nothing), each set recorded
-with the build fingerprint it was made with."""
+"""Experiment fixtures: one ModelSession per model and worker, each model's verdict family
+computed once per worker, and the snapshot check.
+
+Snapshots live in tests/snapshots/, one JSON file each (so parallel --snapshot-update loses
+nothing), recorded with the build fingerprint in tests/snapshots/FINGERPRINT.json. Only the
+snapshot comparison depends on the build: on another build it is skipped with a message, every
+other assertion of the test still runs; with CI=true a differing fingerprint fails instead, so a
+change to the patch or the flags re-records the snapshots in the same commit.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from harness.verdicts import RECORD_COMMAND
+
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
 FINGERPRINT_FILE = SNAPSHOTS / "FINGERPRINT.json"
+
+
+def in_ci() -> bool:
+    """CI=true, also inside tox (which hands the original value on under its own name)."""
+    value = os.environ.get("CI") or os.environ.get("__TOX_ENVIRONMENT_VARIABLE_ORIGINAL_CI") or ""
+    return value.lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def ci() -> bool:
+    return in_ci()
 
 
 class TestsSnapshotsDir(JSONSnapshotExtension):
@@ -37,17 +58,52 @@ def sessions(build):
         session.close()
 
 
+@pytest.fixture(scope="session")
+def families(sessions):
+    """model name -> its verdict family (harness.verdicts.family), computed once per worker."""
+    from harness.verdicts import family
+
+    class Families(dict):
+        def __missing__(self, name: str):
+            self[name] = family(name, sessions[name].run)
+            return self[name]
+
+    return Families()
+
+
+def snapshot_mismatch(build_key: str) -> str | None:
+    """Why recorded snapshots cannot be compared with this build's results (None: they can)."""
+    if not FINGERPRINT_FILE.exists():
+        return f"no {FINGERPRINT_FILE.name} recorded"
+    recorded = json.loads(FINGERPRINT_FILE.read_text())["key"]
+    if recorded != build_key:
+        return f"snapshots were recorded with build {recorded}, this is build {build_key}"
+    return None
+
+
 @pytest.fixture
-def snapshot_json(snapshot, build, request):
-    """The snapshot fixture, or a skip when the snapshots were recorded with another build:
-    their exact tokens belong to that build's arithmetic, not to a regression here."""
+def snapshot_json(snapshot, build, request) -> Callable[[object], None]:
+    """check(value): compare value with this test's snapshot. Call it last: it is the only
+    assertion that depends on the build, and it skips (or, with CI=true, fails) when the
+    snapshot belongs to another build or none is recorded."""
     key = build.fingerprint["key"]
-    if request.config.option.update_snapshots:
-        SNAPSHOTS.mkdir(exist_ok=True)
-        FINGERPRINT_FILE.write_text(json.dumps({k: v for k, v in build.fingerprint.items()}, indent=1) + "\n")
-    elif FINGERPRINT_FILE.exists():
-        recorded = json.loads(FINGERPRINT_FILE.read_text())["key"]
-        if recorded != key:
-            pytest.skip(f"snapshots were recorded with build {recorded}, this is build {key}: "
-                        "re-record with --snapshot-update after reviewing the change")
-    return snapshot.use_extension(TestsSnapshotsDir)
+    extension = snapshot.use_extension(TestsSnapshotsDir)
+    file = SNAPSHOTS / request.path.stem / f"{request.node.name}.json"
+
+    def check(value: object) -> None:
+        if request.config.option.update_snapshots:
+            SNAPSHOTS.mkdir(exist_ok=True)
+            FINGERPRINT_FILE.write_text(json.dumps(build.fingerprint, indent=1) + "\n")
+            assert extension == value
+            return
+        reason = snapshot_mismatch(key)
+        if reason is None and not file.exists():
+            reason = f"no snapshot recorded for {request.node.name}"
+        if reason is not None:
+            message = f"snapshot comparison not made: {reason}; review, then re-record with `{RECORD_COMMAND}`"
+            if in_ci():
+                pytest.fail(f"CI=true: {message}", pytrace=False)
+            pytest.skip(message)
+        assert extension == value
+
+    return check

@@ -1,4 +1,4 @@
-"""Unit tests for harness.metrics: token statistics, summaries, bootstrap CIs, verdicts."""
+"""Unit tests for harness.metrics: token statistics, summaries, generation comparison."""
 
 import math
 import tracemalloc
@@ -9,16 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from harness.metrics import (
-    TokenStats,
-    Verdict,
-    decide,
-    generation_match,
-    mean_ci,
-    paired_bootstrap_ci,
-    summarize,
-    token_stats,
-)
+from harness.metrics import TokenStats, generation_match, summarize, token_stats
 
 SETTINGS = settings(derandomize=True, deadline=None, max_examples=200)
 
@@ -246,149 +237,7 @@ def test_summarize_rejects_empty():
         summarize(TokenStats.concat([]))
 
 
-# --- bootstrap -----------------------------------------------------------------------------
-
-
-def naive_block_bootstrap(d, n_resamples, confidence, seed, block):
-    """Explicit gather of the moving-block resamples, for comparison."""
-    n = len(d)
-    k = -(-n // block)
-    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(n_resamples, k))
-    idx = (starts[:, :, None] + np.arange(block)).reshape(n_resamples, -1)[:, :n]
-    means = d[idx].mean(axis=1)
-    alpha = 1 - confidence
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return d.mean(), lo, hi
-
-
-@pytest.mark.parametrize("n, block", [(1, 1), (37, 1), (37, 5), (40, 8), (37, 37)])
-def test_bootstrap_matches_explicit_resampling(n, block):
-    d = np.random.default_rng(7).exponential(size=n)
-    got = mean_ci(d, n_resamples=300, confidence=0.9, seed=11, block=block)
-    want = naive_block_bootstrap(d, 300, 0.9, 11, block)
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_bootstrap_is_deterministic_per_seed():
-    d = np.random.default_rng(8).standard_normal(500)
-    assert mean_ci(d, seed=3) == mean_ci(d, seed=3)
-    assert mean_ci(d, seed=3, block=10) == mean_ci(d, seed=3, block=10)
-    assert mean_ci(d, seed=3) != mean_ci(d, seed=4)
-
-
-def test_paired_is_mean_of_differences():
-    rng = np.random.default_rng(9)
-    a, b = rng.standard_normal(300), rng.standard_normal(300)
-    est, lo, hi = paired_bootstrap_ci(a, b, seed=1)
-    assert (est, lo, hi) == mean_ci(a - b, seed=1)
-    assert est == pytest.approx(np.mean(a - b), abs=1e-15)
-    assert lo < est < hi
-
-
-def test_ci_contains_true_mean_of_large_sample():
-    # a fixed sample (its mean lies 0.7 standard errors from 3.0); coverage over
-    # many samples is checked in test_ci_coverage_is_near_nominal
-    d = np.random.default_rng(15).normal(3.0, 2.0, 10_000)
-    est, lo, hi = mean_ci(d)
-    assert lo < 3.0 < hi
-    # percentile CI width close to 2 * 1.96 * sigma / sqrt(n)
-    assert hi - lo == pytest.approx(2 * 1.96 * 2.0 / 100, rel=0.1)
-
-
-def test_ci_coverage_is_near_nominal():
-    rng = np.random.default_rng(11)
-    hits = 0
-    for i in range(200):
-        d = rng.exponential(1.0, 400)
-        _, lo, hi = mean_ci(d, n_resamples=500, confidence=0.9, seed=i)
-        hits += lo < 1.0 < hi
-    assert 0.82 <= hits / 200 <= 0.96
-
-
-def test_ci_width_shrinks_with_n():
-    rng = np.random.default_rng(12)
-    widths = []
-    for n in (100, 1_000, 10_000):
-        _, lo, hi = mean_ci(rng.standard_normal(n))
-        widths.append(hi - lo)
-    assert widths[0] > 2 * widths[1] > 4 * widths[2]
-
-
-def test_block_bootstrap_widens_ci_on_autocorrelated_data():
-    rng = np.random.default_rng(13)
-    n, phi = 10_000, 0.95
-    noise = rng.standard_normal(n)
-    x = np.empty(n)
-    x[0] = noise[0]
-    for i in range(1, n):
-        x[i] = phi * x[i - 1] + noise[i]
-    _, lo1, hi1 = mean_ci(x, block=1)
-    _, lo50, hi50 = mean_ci(x, block=100)
-    assert hi50 - lo50 > 3 * (hi1 - lo1)  # theory: sqrt((1+phi)/(1-phi)) ~ 6.2
-    # on iid data blocking changes little
-    iid = rng.standard_normal(n)
-    _, a_lo, a_hi = mean_ci(iid, block=1)
-    _, b_lo, b_hi = mean_ci(iid, block=100)
-    assert (b_hi - b_lo) == pytest.approx(a_hi - a_lo, rel=0.25)
-
-
-def test_bootstrap_memory_is_bounded():
-    d = np.random.default_rng(14).standard_normal(10_000)
-    tracemalloc.start()
-    try:
-        mean_ci(d, n_resamples=2000)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 64 * 2**20
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        {"block": 0},
-        {"block": 11},
-        {"n_resamples": 0},
-        {"confidence": 1.0},
-        {"confidence": 0.0},
-    ],
-)
-def test_bootstrap_rejects_bad_arguments(kw):
-    with pytest.raises(ValueError):
-        mean_ci(np.arange(10.0), **kw)
-
-
-def test_bootstrap_rejects_empty_and_mismatched():
-    with pytest.raises(ValueError):
-        mean_ci(np.array([]))
-    with pytest.raises(ValueError):
-        paired_bootstrap_ci(np.zeros(3), np.zeros(4))
-
-
-# --- decide / generation_match --------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "lo, hi, verdict",
-    [
-        (0.1, 0.5, "holds"),
-        (1e-300, 1e-300, "holds"),
-        (-0.5, -0.1, "refuted"),
-        (-0.1, 0.1, "inconclusive"),
-        (0.0, 0.3, "inconclusive"),
-        (-0.3, 0.0, "inconclusive"),
-        (0.0, 0.0, "inconclusive"),
-        (float("nan"), float("nan"), "inconclusive"),
-    ],
-)
-def test_decide_table(lo, hi, verdict):
-    got = decide(lo, hi)
-    assert got == verdict and isinstance(got, Verdict)
-
-
-def test_decide_rejects_inverted_interval():
-    with pytest.raises(ValueError):
-        decide(1.0, -1.0)
+# --- generation_match -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
