@@ -22,10 +22,11 @@ REQUIRED_KEYS = ("provenance", "models", "groups")
 REQUIRED_GROUP_KEYS = ("group", "model", "kind", "tokens")
 TABLE_KINDS = ("design", "control")  # the groups of the experiment matrix proper
 VERDICT_MEANING = {
-    "holds": "the 95 % CI of every difference lies above 0",
-    "refuted": "the 95 % CI of a difference lies below 0",
-    "inconclusive": "the 95 % CI of the difference includes 0",
+    "holds": "every difference is above 0, significant after Holm's correction",
+    "refuted": "a difference is below 0, significant after Holm's correction",
+    "inconclusive": "no difference is significant after Holm's correction",
 }
+FULL_PRECISION = ("F32",)  # weight types whose matmul takes the activations as they are
 VERDICT_VERB = {"holds": "holds", "refuted": "is refuted", "inconclusive": "is inconclusive"}
 DESIGN_COLOUR, CONTROL_COLOUR = "tab:blue", "tab:red"
 
@@ -142,11 +143,16 @@ class Results:
         """The group with no fake-quantization rules (the reference every other group is compared with)."""
         return next((g for g in self.of_model(model, TABLE_KINDS) if not g.get("rules")), None)
 
-    def is_q4(self, model: str) -> bool:
-        return "q4" in model.lower() or "q4" in Path(str(self.models.get(model, {}).get("path", ""))).name.lower()
+    def weight_type(self, model: str) -> str:
+        """The weight type recorded from the GGUF's general.file_type ("unknown" if absent)."""
+        return str(self.models.get(model, {}).get("weight_type", "unknown"))
+
+    def is_quantized(self, model: str) -> bool:
+        """Quantized weights (Q4_1, Q8_0, K-quants...): the CPU matmul quantizes activations to 8 bits first."""
+        return self.weight_type(model).startswith(("Q", "IQ", "TQ"))
 
     def is_f32(self, model: str) -> bool:
-        return "f32" in model.lower() or "f32" in Path(str(self.models.get(model, {}).get("path", ""))).name.lower()
+        return self.weight_type(model) in FULL_PRECISION
 
 
 def is_baseline(group: dict) -> bool:
@@ -391,7 +397,7 @@ def section_provenance(res: Results) -> list[str]:
         f"chunks of {m['n_ctx']} tokens, positions {m['scored_from']}..{m['n_ctx'] - 2} of each scored, so "
         f"{m['main_chunks']} × {per_chunk} = {m['main_chunks'] * per_chunk} tokens per design/control group and "
         f"{m['sweep_chunks']} × {per_chunk} = {m['sweep_chunks'] * per_chunk} per sweep/scale group "
-        f"(n_tokens in the results by kind: {measured}); bootstrap block {m['bootstrap_block']} tokens; "
+        f"(n_tokens in the results by kind: {measured}); {statistics_text(p)}; "
         f"{m['generation_tokens']} generated tokens per prompt; seed {m['seed']}",
         f"- Measurement: the groups took {duration(wall)} of wall time (summed over groups; parallel "
         f"workers overlap), {share} of it inside llama.cpp compute ({duration(compute)})",
@@ -404,28 +410,47 @@ def section_provenance(res: Results) -> list[str]:
     return lines
 
 
+def statistics_text(prov: dict) -> str:
+    st = prov["statistics"]
+    return (f"intervals: {st['method']}, {st['resamples']} resamples, {pct(st['confidence'], 'g')} level, seed "
+            f"{st['seed']}; verdicts: {st['correction']} correction over each model's comparisons at family-wise "
+            f"level {st['family_level']:g}")
+
+
+def block_range(res: Results) -> str:
+    blocks = sorted({b for g in res.groups for b in (g["tokens"].get("blocks") or {}).values()}
+                    | {c["block"] for v in res.verdicts for c in v["comparisons"]
+                       if str(c.get("unit", "")).startswith("per-token")})
+    return f"{blocks[0]}–{blocks[-1]} tokens" if blocks else "–"
+
+
 def section_how_to_read(res: Results) -> list[str]:
-    block = res.prov["matrix"]["bootstrap_block"]
+    st = res.prov["statistics"]
     text = (
         "**KLD** is the mean Kullback-Leibler divergence of the model's next-token distribution from the "
         "baseline's (same model, no fake quantization) over the scored corpus tokens; larger means the rounding "
         "moved the predictions further. **Top-1 agreement** is the fraction of those tokens where the most likely "
         "next token is the same as the baseline's, and the **PPL ratio** is the perplexity of the corpus under the "
         "fake-quantized model divided by the baseline's (1 means no change). "
-        f"Every 95 % CI is a moving-block bootstrap over tokens (blocks of {block} tokens, since neighbouring "
-        "tokens of one text are correlated). A hypothesis **holds** when the CI of the difference it names lies "
-        "entirely above 0, is **refuted** when it lies below 0, and is **inconclusive** when it includes 0."
+        f"Every CI over tokens is a **circular block bootstrap** ({st['resamples']} resamples; neighbouring tokens "
+        "of one text are correlated, so blocks of consecutive tokens are drawn, wrapping around the end so every "
+        "token is equally likely) with the **block length chosen from the data** by Politis and White's rule "
+        f"(here {block_range(res)}); per-prompt values are resampled independently. Comparisons of two groups are "
+        "paired (the same tokens). Each model's hypothesis comparisons form one family: their bootstrap p-values "
+        f"are **Holm-adjusted**, so the family-wise error rate is {st['family_level']:g}. A hypothesis **holds** "
+        "when every difference it names is significantly above 0, is **refuted** when one is significantly below "
+        "0, and is **inconclusive** otherwise. The 95 % CIs shown are per comparison (not adjusted)."
     )
-    q4 = [m for m in res.model_names if res.is_q4(m)]
+    quantized = [m for m in res.model_names if res.is_quantized(m)]
     f32 = [m for m in res.model_names if res.is_f32(m)]
-    if q4 or f32:
-        parts = []
-        if q4:
-            parts.append(f"{', '.join(q4)} {'is a Q4_1 model' if len(q4) == 1 else 'are Q4_1 models'}: its matmuls "
-                         "re-quantize activations to 8 bits, which interacts with the rounding under test")
-        if f32:
-            parts.append(f"{', '.join(f32)} {'is' if len(f32) == 1 else 'are'} F32, so it measures the rounding alone")
-        text += " " + "; ".join(parts) + "."
+    other = [m for m in res.model_names if m not in quantized and m not in f32]
+    parts = [f"{m} has {res.weight_type(m)} weights: its matmuls quantize activations to 8 bits first, which "
+             "interacts with the rounding under test" for m in quantized]
+    parts += [f"{m} has F32 weights, so it measures the rounding alone" for m in f32]
+    parts += [f"{m} has {res.weight_type(m)} weights: its matmuls convert activations to that type's dot-product "
+              "type first" for m in other]
+    if parts:
+        text += " Weight types (GGUF general.file_type): " + "; ".join(parts) + "."
     return ["## How to read this report", "", text, ""]
 
 
@@ -455,10 +480,14 @@ def section_matrix(res: Results) -> list[str]:
     return lines
 
 
+def record_command(res: Results) -> str:
+    return res.prov["statistics"]["record_command"]
+
+
 def comparison_text(c: dict) -> str:
     lo, hi = c["ci95"]
     return (f"{c['a']} {num(c['mean_a'])} vs {c['b']} {num(c['mean_b'])}, difference {num(c['difference'])} "
-            f"[{num(lo)}, {num(hi)}]")
+            f"[{num(lo)}, {num(hi)}], Holm p {num(c['p_holm'], '.2g')}")
 
 
 def hypothesis_sentence(res: Results, hid: str, records: list[dict]) -> str:
@@ -473,25 +502,28 @@ def hypothesis_sentence(res: Results, hid: str, records: list[dict]) -> str:
     else:
         parts = ", ".join(f"{r['verdict']} on {r['model']}" for r in records)
         text = f"**{hid}** ({statement}) differs between models: {parts} ({figures})."
-        q4 = [r for r in records if res.is_q4(r["model"])]
-        rest = [r for r in records if not res.is_q4(r["model"])]
+        q4 = [r for r in records if res.is_quantized(r["model"])]
+        rest = [r for r in records if res.is_f32(r["model"])]
         if q4 and rest:
-            q4_names = ", ".join(r["model"] for r in q4)
+            q4_names = ", ".join(f"{r['model']} ({res.weight_type(r['model'])})" for r in q4)
             rest_names = ", ".join(r["model"] for r in rest)
             if all(r["verdict"] == "holds" for r in rest) and not any(r["verdict"] == "holds" for r in q4):
-                text += (f" This points to a masking effect: the matmuls of the Q4_1 model ({q4_names}) re-quantize "
-                         f"activations to 8 bits, an error of their own that hides part of the rounding's, while "
-                         f"{rest_names} measures the rounding alone.")
+                text += (f" This points to a masking effect: the matmuls of the quantized model ({q4_names}) "
+                         f"quantize activations to 8 bits, an error of their own that hides part of the rounding's, "
+                         f"while {rest_names} measures the rounding alone.")
             else:
-                text += (f" The Q4_1 model ({q4_names}) re-quantizes activations to 8 bits in its matmuls, which "
+                text += (f" The quantized model ({q4_names}) quantizes activations to 8 bits in its matmuls, which "
                          f"interacts with the rounding; {rest_names} measures the rounding alone.")
     notes = []
     for r in records:
-        if r.get("expected") is not None:
-            notes.append(f"{r['model']} as expected ({r['expected']})" if r["expected"] == r["verdict"] else
-                         f"{r['model']} expected {r['expected']}, measured {r['verdict']}")
+        if r.get("recorded") is None:
+            notes.append(f"{r['model']} has none recorded (record it with `{record_command(res)}`)")
+        elif r["recorded"] == r["verdict"]:
+            notes.append(f"{r['model']} as recorded ({r['recorded']})")
+        else:
+            notes.append(f"{r['model']} recorded {r['recorded']}, measured {r['verdict']}")
     if notes:
-        text += " Expectation: " + "; ".join(notes) + "."
+        text += " Recorded verdict: " + "; ".join(notes) + "."
     return text
 
 
@@ -499,11 +531,21 @@ def section_hypotheses(res: Results) -> list[str]:
     lines = ["## Hypotheses", ""]
     if not res.verdicts:
         return lines + ["The results hold no verdicts.", ""]
-    rows = [[v["hypothesis"], v["model"], cell(v["statement"]), f"**{v['verdict']}**", v.get("expected") or "–",
+    level = res.prov["statistics"]["family_level"]
+    lines += [f"Verdicts at family-wise level {level:g} per model (Holm's correction over the model's "
+              f"{sum(len(v['comparisons']) for v in res.verdicts if v['model'] == res.verdicts[0]['model'])} "
+              "comparisons); *recorded* is the verdict recorded with the snapshots, which the tests check.", ""]
+    rows = [[v["hypothesis"], v["model"], cell(v["statement"]), f"**{v['verdict']}**",
+             v.get("recorded") or "none recorded",
              "; ".join(f"{cell(comparison_text(c))} ({c['verdict']}, {c.get('unit', '')})" for c in v["comparisons"])]
             for v in res.verdicts]
-    lines += table(["id", "model", "statement", "verdict", "expected",
-                    "comparisons: a mean vs b mean, difference [95 % CI]"], rows)
+    lines += table(["id", "model", "statement", "verdict", "recorded",
+                    "comparisons: a mean vs b mean, difference [95 % CI], Holm-adjusted p"], rows)
+    unrecorded = sorted({v["model"] for v in res.verdicts if v.get("recorded") is None})
+    if unrecorded:
+        lines += [f"No verdicts are recorded for {', '.join(unrecorded)}: review the verdicts above, then record "
+                  f"them with `{record_command(res)}` (tests/snapshots/verdicts/MODEL.json; the tests then fail when "
+                  "a verdict changes).", ""]
     by_id: dict[str, list[dict]] = {}
     for v in res.verdicts:
         by_id.setdefault(v["hypothesis"], []).append(v)
@@ -544,13 +586,14 @@ def figure_lines(title: str, image: str, skipped: str | None, caption: str) -> l
 def section_layers(res: Results, skipped: str | None) -> list[str]:
     caption = ("Mean KLD (95 % CI) when the ffn_norm output of one layer alone is fake-quantized, per layer and model.")
     tops = []
-    for model in res.model_names:
-        sweep = [g for g in res.of_model(model, ("sweep",)) if g.get("layer") is not None]
-        if sweep:
-            top = max(sweep, key=lambda g: g["tokens"]["kld_mean"])
-            tops.append(f"{model}: layer {top['layer']} ({num(top['tokens']['kld_mean'])})")
+    for model, t in (res.data.get("sweep_top") or {}).items():
+        verdict = ("distinguishable from the runner-up" if t["distinguishable"] else
+                   "**not** distinguishable from the runner-up (the paired 95 % CI of the difference includes 0)")
+        tops.append(f"{model}: layer {t['top']} ({num(t['kld_top'])}) vs layer {t['runner_up']} "
+                    f"({num(t['kld_runner_up'])}), paired difference "
+                    f"{with_ci(t['difference_ci'][0], t['difference_ci'])}: {verdict}")
     if tops:
-        caption += " Most sensitive layer — " + "; ".join(tops) + "."
+        caption += " Highest mean KLD against the runner-up — " + "; ".join(tops) + "."
     lines = figure_lines("Layer sensitivity", "layer_sensitivity.png", skipped, caption)
     if skipped:
         return lines

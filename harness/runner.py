@@ -208,16 +208,16 @@ class ModelSession:
         """Token statistics per kind of prompt, and per prompt its mean KLD and (arithmetic)
         the change of the answer's log-probability: the arrays H5 and the report's intervals use."""
         per_kind: dict[str, list[TokenStats]] = {"arithmetic": [], "text": []}
-        answer_delta = []
         for i, task in enumerate(self.tasks):
             stats = token_stats(np.load(base_dir / f"task{i:03d}.npy"), self._task_logits(task),
                                 np.asarray(task.tokens[task.first:]))
             per_kind[task.kind].append(stats)
-            if task.kind == "arithmetic":
-                answer_delta.append(float(stats.nll_base.sum() - stats.nll_test.sum()))
-        record = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
+        record: dict = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
         arrays = {f"task_kld_{kind}": np.array([s.kld.mean() for s in parts]) for kind, parts in per_kind.items()}
-        arrays["answer_logprob_delta"] = np.array(answer_delta)
+        base_lp = np.array([-s.nll_base.sum() for s in per_kind["arithmetic"]])
+        test_lp = np.array([-s.nll_test.sum() for s in per_kind["arithmetic"]])
+        record["answer_logprob"] = {"base_mean": float(base_lp.mean()), "test_mean": float(test_lp.mean())}
+        arrays["answer_logprob_delta"] = test_lp - base_lp
         return record, arrays
 
     def _generate(self) -> list[dict]:

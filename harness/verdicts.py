@@ -122,7 +122,7 @@ def with_intervals(record: dict, arrays: dict[str, np.ndarray], seed: int = inte
             out["tasks"][kind].update(n_prompts=len(per_prompt),
                                       kld_ci=intervals.mean_ci(per_prompt, block=1, seed=[seed, 3 + i]).triple())
         delta = arrays["answer_logprob_delta"]
-        out["tasks"]["answer_logprob"] = {"delta_ci": intervals.mean_ci(delta, block=1, seed=[seed, 5]).triple()}
+        out["tasks"]["answer_logprob"]["delta_ci"] = intervals.mean_ci(delta, block=1, seed=[seed, 5]).triple()
     return out
 
 

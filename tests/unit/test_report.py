@@ -214,8 +214,10 @@ def test_verdict_table_shows_every_verdict(rendered: Path, data: dict) -> None:
     for v in data["verdicts"]:
         row = next(line for line in hyp.splitlines() if line.startswith(f"| {v['hypothesis']} | {v['model']} |"))
         assert f"| **{v['verdict']}** |" in row
+        assert f"| {v['recorded'] or 'none recorded'} |" in row
         for c in v["comparisons"]:
             assert f"difference {g3(c['difference'])} \\[{g3(c['ci95'][0])}, {g3(c['ci95'][1])}\\]" in row
+            assert f"Holm p {c['p_holm']:.2g}" in row
             assert g3(c["mean_a"]) in row and g3(c["mean_b"]) in row
 
 
@@ -227,7 +229,8 @@ def test_hypothesis_sentences_follow_the_verdicts(rendered: Path) -> None:
     assert "differs between models" in sentences["H1"] and "masking" in sentences["H1"]
     assert "inconclusive on smollm2-q4_1" in sentences["H1"] and "holds on smollm2-f32" in sentences["H1"]
     assert "holds on both models" in sentences["H2"] and "masking" not in sentences["H2"]
-    assert "as expected (holds)" in sentences["H2"]
+    assert "as recorded (holds)" in sentences["H2"]
+    assert "smollm2-q4_1 recorded holds, measured inconclusive" in sentences["H1"]
     assert "refuted on smollm2-q4_1" in sentences["H5"]
 
 
@@ -240,6 +243,40 @@ def test_sentence_when_a_verdict_changes(tmp_path: Path, data: dict) -> None:
     line = next(line for line in hyp.splitlines() if line.startswith("**H1**"))
     assert "is refuted on both models" in line
     assert "| H1 | smollm2-q4_1 |" in hyp and "**refuted**" in hyp
+
+
+def test_method_and_family_level_are_stated(rendered: Path, data: dict) -> None:
+    text = (rendered / "index.md").read_text()
+    how = section(text, "How to read this report")
+    assert "circular block bootstrap" in how and "Politis and White" in how and "Holm-adjusted" in how
+    assert "20000 resamples" in how and "family-wise error rate is 0.05" in how and "3–9 tokens" in how
+    assert "smollm2-q4_1 has Q4_1 weights" in how and "smollm2-f32 has F32 weights" in how
+    assert "Holm correction over each model's comparisons at family-wise level 0.05" in section(text, "Provenance")
+    hyp = section(text, "Hypotheses")
+    assert "family-wise level 0.05" in hyp and "No verdicts are recorded for" not in hyp
+
+
+def test_weight_type_comes_from_the_file_not_the_name(tmp_path: Path, data: dict) -> None:
+    renamed = copy.deepcopy(data)
+    renamed["models"]["smollm2-q4_1"]["weight_type"] = "F32"  # the name says q4, the GGUF says F32
+    how = section(render(write(tmp_path, renamed), tmp_path / "out").read_text(), "How to read this report")
+    assert "smollm2-q4_1 has F32 weights" in how and "Q4_1 weights" not in how
+
+
+def test_top_layer_against_runner_up(rendered: Path) -> None:
+    layers = section((rendered / "index.md").read_text(), "Layer sensitivity")
+    assert "smollm2-q4_1: layer 0 (0.0021) vs layer 1 (0.0015), paired difference 0.0006 [0.0002, 0.001]: " \
+           "distinguishable from the runner-up" in layers
+    assert "smollm2-f32: layer 3 (1.1e-05) vs layer 2 (1e-05)" in layers and "**not** distinguishable" in layers
+
+
+def test_unrecorded_model_says_how_to_record(tmp_path: Path, data: dict) -> None:
+    fresh = copy.deepcopy(data)
+    for v in fresh["verdicts"]:
+        v["recorded"] = None
+    hyp = section(render(write(tmp_path, fresh), tmp_path / "out").read_text(), "Hypotheses")
+    assert "No verdicts are recorded for smollm2-f32, smollm2-q4_1" in hyp
+    assert "`pytest tests/experiments -n 2 --snapshot-update`" in hyp
 
 
 # --------------------------------------------------------------------------------------------- generation
