@@ -1,4 +1,4 @@
-"""Command line: `python -m harness build | model NAME | results | report | bench`.
+"""Command line: `python -m harness build | model NAME | targets NAME | archs | results | report | bench`.
 
 Progress goes to stderr; the last line of stdout is the result (a directory or a file path).
 """
@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from harness.build import BACKEND_FLAGS
 from harness.cache import HarnessError
 
 
 def _build(args: argparse.Namespace) -> str:
     from harness.build import build
 
-    return str(build(cuda=args.cuda).bin_dir)
+    return str(build(args.backend).bin_dir)
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -56,11 +57,41 @@ def _report(args: argparse.Namespace) -> str:
     return str(index)
 
 
+def _archs(args: argparse.Namespace) -> str:
+    """Every architecture's tiny model: every name, native vs reference; the table as the result."""
+    from harness.archs import check_all, table, update_readme
+    from harness.build import build
+
+    text = table(check_all(build()))
+    if args.readme:
+        update_readme(text)
+    return text
+
+
+def _targets(args: argparse.Namespace) -> str:
+    """The fake-quant targets of a model's graphs (libllama's llama_fake_quant_list)."""
+    from harness.build import build
+    from harness.driver import Model
+    from harness.models import get_model
+
+    b = build()
+    model = Model(get_model(args.name, b).path, b)
+    ctx = model.context(args.n_ctx)
+    try:
+        rows = [f"{t.graph}\t{t.name}\t{','.join(map(str, t.layers)) or '-'}\t{'x'.join(map(str, t.shape))}\t{t.count}"
+                for t in ctx.fake_quant_targets()]
+    finally:
+        ctx.close()
+        model.close()
+    return "graph\tname\tlayers\tshape\tcount\n" + "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build (or reuse) the patched llama.cpp; prints the bin directory")
-    p.add_argument("--cuda", action="store_true", help="add -DGGML_CUDA=ON (offered, not tested by this suite)")
+    p.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default="cpu",
+                   help="a backend beside the CPU: vulkan (tested on Mesa lavapipe) or cuda (offered, not tested)")
     p.set_defaults(run=_build)
     p = sub.add_parser("model", help="prepare a model; prints the path of its GGUF file")
     p.add_argument("name", help="smollm2-q4_1, smollm2-f32, smollm2-f16, gemma3-270m, user ($FQ_MODEL) or a .gguf path")
@@ -71,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", help="results file (default: $FQ_RESULTS or report/results.json)")
     p.add_argument("--out", help="report directory (default: the results file's directory)")
     p.set_defaults(run=_report)
+    p = sub.add_parser("targets", help="list the names fake quantization can target in a model's graphs")
+    p.add_argument("name", help="a model name as for `model`, or a .gguf path")
+    p.add_argument("--n-ctx", type=int, default=512, help="tokens of the pp graph (default 512)")
+    p.set_defaults(run=_targets)
+    p = sub.add_parser("archs", help="every architecture's tiny model: every name, native vs reference")
+    p.add_argument("--readme", action="store_true", help="also rewrite the generated table in native/README.md")
+    p.set_defaults(run=_archs)
     sub.add_parser("bench", help="benchmarks (python -m harness bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are bench.py's own

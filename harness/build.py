@@ -22,7 +22,8 @@ from harness.pins import LLAMA_CPP_COMMIT, LLAMA_CPP_DIR, LLAMA_CPP_PYTHON
 
 PATCH = Path(__file__).resolve().parent.parent / "native" / "fake-quant.patch"
 
-TOOLS = ("llama-completion", "llama-cli", "llama-perplexity", "llama-quantize", "llama-bench")
+# test-llama-archs is llama.cpp's own writer of tiny random-weight models of every architecture
+TOOLS = ("llama-completion", "llama-cli", "llama-perplexity", "llama-quantize", "llama-bench", "test-llama-archs")
 
 # x86-64-v3 (AVX2, FMA, F16C, BMI2) exactly, nothing detected from the build host: the same
 # bits on every machine of that level. No AVX512: its BF16 row conversion flushes subnormals.
@@ -34,11 +35,18 @@ CPU_FLAGS = (
 CMAKE_FLAGS = (
     "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
     "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
-    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_EXAMPLES=OFF",
     "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF",
     "-DLLAMA_USE_PREBUILT_UI=OFF",
 ) + CPU_FLAGS
-CUDA_FLAGS = ("-DGGML_CUDA=ON",)  # offered for GPU users; never built or tested by this suite
+# the CPU backend is always there; a second backend is added to it. Vulkan is tested here on Mesa's
+# lavapipe (a CPU Vulkan driver); CUDA is offered, and not built or tested by this suite.
+BACKEND_FLAGS = {"cpu": (), "vulkan": ("-DGGML_VULKAN=ON",), "cuda": ("-DGGML_CUDA=ON",)}
+# what each backend's build needs on the build machine: (file or program, Debian package)
+BACKEND_NEEDS = {
+    "vulkan": (("/usr/include/vulkan/vulkan.hpp", "libvulkan-dev"), ("glslc", "glslc")),
+    "cuda": (("nvcc", "nvidia-cuda-toolkit"),),
+}
 
 
 @dataclass(frozen=True)
@@ -57,11 +65,24 @@ def _compiler() -> str:
     return out.splitlines()[0]
 
 
-def fingerprint(cuda: bool = False) -> dict[str, str]:
+def _check_backend(backend: str) -> None:
+    """A clear error for an unknown backend or a missing build requirement."""
+    if backend not in BACKEND_FLAGS:
+        raise HarnessError(f"unknown backend {backend!r} (allowed: {', '.join(BACKEND_FLAGS)})")
+    missing = [package for need, package in BACKEND_NEEDS.get(backend, ())
+               if not (Path(need).exists() if need.startswith("/") else shutil.which(need))]
+    if missing:
+        raise HarnessError(f"building the {backend} backend needs {', '.join(missing)}: "
+                           f"apt-get install -y {' '.join(missing)}")
+
+
+def fingerprint(backend: str = "cpu") -> dict[str, str]:
     """What went into the build; `key` names its cache directory."""
     if not PATCH.exists():
         raise HarnessError(f"the native patch is missing: {PATCH}")
-    flags = list(CMAKE_FLAGS + (CUDA_FLAGS if cuda else ()))
+    if backend not in BACKEND_FLAGS:
+        raise HarnessError(f"unknown backend {backend!r} (allowed: {', '.join(BACKEND_FLAGS)})")
+    flags = list(CMAKE_FLAGS + BACKEND_FLAGS[backend])
     fp = {
         "llama_cpp_python": LLAMA_CPP_PYTHON.requirement,
         "llama_cpp_commit": LLAMA_CPP_COMMIT,
@@ -111,11 +132,12 @@ def _run_logged(cmd: list[str], cwd: Path, log: Path) -> None:
             raise HarnessError(f"{cmd[0]} failed (full log: {log}):\n" + "\n".join(tail))
 
 
-def build(cuda: bool = False) -> Build:
-    """Build the patched llama.cpp, or reuse the cached build with the same key."""
-    fp = fingerprint(cuda)
+def build(backend: str = "cpu") -> Build:
+    """Build the patched llama.cpp with the CPU and `backend`, or reuse the cached build with the same key."""
+    fp = fingerprint(backend)
     final = cache_root() / "builds" / fp["key"]
     if not (final / "build-info.json").exists():
+        _check_backend(backend)
         sdist = fetch_pypi(LLAMA_CPP_PYTHON)
 
         def make(tmp: Path) -> None:
@@ -134,7 +156,7 @@ def build(cuda: bool = False) -> Build:
                     raise HarnessError(f"the build finished without {name}")
             shutil.rmtree(tmp / "src")
             shutil.rmtree(tmp / "build")
-            info = dict(fp, build_seconds=f"{time.monotonic() - started:.1f}", ccache=ccache.endswith("ON"))
+            info = dict(fp, backend=backend, build_seconds=f"{time.monotonic() - started:.1f}", ccache=ccache.endswith("ON"))
             (tmp / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
 
         publish(final, make)

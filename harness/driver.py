@@ -60,14 +60,21 @@ def bind(build: Build):
     lib.llama_fake_quant_n_sites.restype = ctypes.c_int32
     lib.llama_fake_quant_n_applied.argtypes = [ctypes.c_void_p]
     lib.llama_fake_quant_n_applied.restype = ctypes.c_int64
+    lib.llama_fake_quant_list.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.llama_fake_quant_list.restype = ctypes.c_int32
 
     base = ctypes.CDLL(str(build.bin_dir / "libggml-base.so"))
     base.ggml_get_name.argtypes = [ctypes.c_void_p]
     base.ggml_get_name.restype = ctypes.c_char_p
     base.ggml_get_data.argtypes = [ctypes.c_void_p]
     base.ggml_get_data.restype = ctypes.c_void_p
-    base.ggml_is_contiguous.argtypes = [ctypes.c_void_p]
-    base.ggml_is_contiguous.restype = ctypes.c_bool
+    base.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    base.ggml_nbytes.restype = ctypes.c_size_t
+    base.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+    for fn in (base.ggml_backend_tensor_get, base.ggml_backend_tensor_set):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+        fn.restype = None
     _ggml_base = base
 
     llama.llama_log_set(_LOG_CALLBACK, None)
@@ -98,6 +105,27 @@ class _TensorHead(ctypes.Structure):
 
 GGML_TYPE_F32 = 0
 
+
+@dataclass(frozen=True)
+class Target:
+    """A name the computed graph gives to F32 activations (libllama's llama_fake_quant_list)."""
+
+    graph: str                 # "pp": a batch of n_ctx tokens; "tg": one token
+    name: str                  # as a rule's target: "ffn_norm", "result_output"
+    layers: tuple[int, ...]    # the layers it appears at; () for a tensor of no layer
+    shape: tuple[int, ...]     # ggml order (ne0, ne1, ...) of its first tensor
+    count: int                 # tensors in the graph carrying the name
+
+
+def _parse_layers(text: str) -> tuple[int, ...]:
+    if text == "-":
+        return ()
+    out: list[int] = []
+    for item in text.split(","):
+        lo, _, hi = item.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return tuple(out)
+
 class TensorHook(Protocol):
     """Sees computed graph tensors through libllama's eval callback (cb_eval)."""
 
@@ -114,12 +142,12 @@ def default_threads() -> int:
 
 
 class Model:
-    """A loaded GGUF model (CPU only)."""
+    """A loaded GGUF model: on the CPU, or with `n_gpu_layers` layers on the build's other backend."""
 
-    def __init__(self, path: Path, build: Build) -> None:
+    def __init__(self, path: Path, build: Build, n_gpu_layers: int = 0) -> None:
         llama = bind(build)
         params = llama.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = n_gpu_layers
         params.use_mmap = True
         self.path = path
         self.ptr = llama.llama_model_load_from_file(str(path).encode(), params)
@@ -171,8 +199,9 @@ class Context:
     """A llama_context with n_ctx positions, one sequence, logits for every position.
 
     With `tensor_hook`, libllama's eval callback hands each computed F32 tensor the hook wants
-    to it as a writable view of its data, before later nodes read it (CPU backend): the hook
-    may capture it or change it in place.
+    to it as a writable array (its strides, views included), before later nodes read it: the hook
+    may capture it or change it in place. Host memory is handed over directly; a tensor in device
+    memory is read with ggml_backend_tensor_get and written back with ggml_backend_tensor_set.
     """
 
     def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None) -> None:
@@ -202,19 +231,30 @@ class Context:
 
     @staticmethod
     def _make_callback(hook: TensorHook):
+        base = _ggml_base
+
         def callback(tensor: int, ask: bool, _user: int) -> bool:
-            name = _ggml_base.ggml_get_name(tensor).decode()
+            name = base.ggml_get_name(tensor).decode()
             if not hook.wants(name):
                 return False
             head = _TensorHead.from_address(tensor)
-            if head.type != GGML_TYPE_F32 or not _ggml_base.ggml_is_contiguous(tensor):
+            if head.type != GGML_TYPE_F32:
                 return False
             if ask:
                 return True
+            nbytes = base.ggml_nbytes(tensor)
+            on_host = bool(head.buffer) and base.ggml_backend_buffer_is_host(head.buffer)
+            if on_host:
+                raw = (ctypes.c_char * nbytes).from_address(base.ggml_get_data(tensor))
+            else:
+                raw = ctypes.create_string_buffer(nbytes)
+                base.ggml_backend_tensor_get(tensor, raw, 0, nbytes)
             shape = tuple(int(n) for n in reversed(head.ne))  # numpy order: ne3, ne2, ne1, ne0
-            count = int(np.prod(shape))
-            data = np.ctypeslib.as_array((ctypes.c_float * count).from_address(_ggml_base.ggml_get_data(tensor)))
-            hook(name, data.reshape(shape[2:] if shape[:2] == (1, 1) else shape))
+            strides = tuple(int(n) for n in reversed(head.nb))
+            data = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.float32), shape, strides)
+            hook(name, data.reshape(shape[2:]) if shape[:2] == (1, 1) else data)
+            if not on_host:
+                base.ggml_backend_tensor_set(tensor, raw, 0, nbytes)
             return True
 
         return _llama.ggml_backend_sched_eval_callback(callback)
@@ -234,6 +274,19 @@ class Context:
                 lib.llama_fake_quant_clear(self.ptr)
                 raise FakeQuantError(err.value.decode())
         self.rules = tuple(rules)
+
+    def fake_quant_targets(self) -> list[Target]:
+        """The names fake quantization can target in this context's graphs, per graph."""
+        lib = _llama._lib
+        n = lib.llama_fake_quant_list(self.ptr, None, 0)
+        buf = ctypes.create_string_buffer(max(n, 0) + 1 if n >= 0 else 1024)
+        if lib.llama_fake_quant_list(self.ptr, buf, len(buf)) < 0:
+            raise FakeQuantError(buf.value.decode())
+        out = []
+        for line in buf.value.decode().splitlines():
+            graph, name, layers, shape, count = line.split("\t")
+            out.append(Target(graph, name, _parse_layers(layers), tuple(int(d) for d in shape.split("x")), int(count)))
+        return out
 
     @property
     def fake_quant_sites(self) -> int:

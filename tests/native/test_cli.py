@@ -31,18 +31,37 @@ def q4_1(build):
     return str(get_model("smollm2-q4_1", build).path)
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_design_scenarios_run_with_llama_completion(build, q4_1, scenario):
-    result = run(build, "llama-completion", "-m", q4_1, "-p", PROMPT, "-n", "50", "--seed", "42",
-                 *SCENARIOS[scenario], "-no-cnv")
+def fake_quantized(stderr: str) -> set[str]:
+    """The tensors the graph pass fake-quantized, from libllama's -v log (one line per site per graph)."""
+    return {line.split("'")[1] for line in stderr.splitlines() if "llama_fake_quant_rewrite: fake-quantizing" in line}
+
+
+@pytest.fixture(scope="module")
+def scenario_baseline(build, q4_1) -> str:
+    result = run(build, "llama-completion", "-m", q4_1, "-p", PROMPT, "-n", "50", "--seed", "42", "-no-cnv")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert PROMPT in result.stdout and len(result.stdout) > len(PROMPT)
+    return result.stdout
+
+
+@pytest.mark.parametrize("scenario", sorted(set(SCENARIOS) - {"baseline"}))
+def test_design_scenarios_run_with_llama_completion(build, q4_1, scenario_baseline, scenario):
+    """As written in the design (+ -no-cnv): the flags reach the graph (the sites named in the log are
+    exactly the scenario's) and the seeded 50-token text differs from the baseline's, so a flag that
+    did nothing fails here."""
+    result = run(build, "llama-completion", "-m", q4_1, "-p", PROMPT, "-n", "50", "--seed", "42",
+                 *SCENARIOS[scenario], "-no-cnv", "-v")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(PROMPT) and result.stdout != scenario_baseline
+    layers = [10] if scenario == "layer10_bf16" else range(30)
+    logits = {"result_output"} if scenario == "ffn_norm_and_logits" else set()
+    assert fake_quantized(result.stderr) == {f"ffn_norm-{il}" for il in layers} | logits
 
 
 def test_design_scenario_runs_with_llama_cli_single_turn(build, q4_1):
-    result = run(build, "llama-cli", "-m", q4_1, "-p", PROMPT, "-n", "20", "--seed", "42", "-st",
+    result = run(build, "llama-cli", "-m", q4_1, "-p", PROMPT, "-n", "20", "--seed", "42", "-st", "-v",
                  *SCENARIOS["layer10_bf16"])
     assert result.returncode == 0, result.stderr[-2000:]
+    assert fake_quantized(result.stderr) == {"ffn_norm-10"}
 
 
 def test_fake_quant_changes_the_generated_text_and_scale_zero_does_not(build, q4_1):
@@ -61,8 +80,7 @@ def test_verbose_output_names_every_fake_quantized_tensor(build, q4_1):
     result = run(build, "llama-completion", "-m", q4_1, "-p", "hi", "-n", "1", "-v", "-no-cnv",
                  "--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "3,5", "--fake-quant", "f16")
     assert result.returncode == 0
-    named = {line.split("'")[1] for line in result.stderr.splitlines() if "llama_fake_quant_apply: fake-quantizing" in line}
-    assert named == {"ffn_norm-3", "ffn_norm-5", "result_output"}
+    assert fake_quantized(result.stderr) == {"ffn_norm-3", "ffn_norm-5", "result_output"}
 
 
 @pytest.mark.parametrize(("tool", "flags", "message"), [
@@ -75,7 +93,12 @@ def test_verbose_output_names_every_fake_quantized_tensor(build, q4_1):
     ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-ffn-scale", "half"], "fake-quant scale 'half' is not a number"),
     ("llama-completion", ["--fake-quant-layer", "3"], "--fake-quant-layer and --fake-quant-ffn-scale need --fake-quant-ffn-norm"),
     ("llama-completion", ["--fake-quant-tensor", "attn_norm"], "malformed --fake-quant-tensor 'attn_norm'"),
-    ("llama-completion", ["--fake-quant-tensor", "no_such:bf16"], "fake-quant target 'no_such' matches no F32 tensor"),
+    ("llama-completion", ["--fake-quant-tensor", "no_such:bf16"], "fake-quant target 'no_such' matches no computed "
+     "F32 activation of this model's graph; names at layer 0: attn_norm, Qcur, Kcur, Vcur"),
+    ("llama-completion", ["--fake-quant-tensor", "token_embd.weight:bf16"], "which is a model weight"),
+    ("llama-completion", ["--fake-quant-tensor", "cache_v_l3:f16"], "which is persistent state (KV cache"),
+    ("llama-completion", ["--fake-quant-tensor", "ffn_out:q8_0:0", "--fake-quant-tensor", "ffn_out:bf16"],
+     "fake-quant rules 0 and 1 both select 'ffn_out-0'"),
     ("llama-perplexity", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "99"], "the model has 30 layers"),
     ("llama-cli", ["-st", "--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "31"], "the model has 30 layers"),
 ])
@@ -86,10 +109,31 @@ def test_bad_flags_fail_clearly(build, q4_1, tool, flags, message):
     assert message in result.stderr + result.stdout
 
 
-def test_generic_tensor_flag_runs(build, q4_1):
-    result = run(build, "llama-completion", "-m", q4_1, "-p", "hi", "-n", "4", "-no-cnv",
-                 "--fake-quant-tensor", "attn_norm:f16:0-3:0.5", "--fake-quant-tensor", "l_out:bf16")
+def test_generic_tensor_flag_takes_effect(build, q4_1):
+    """--fake-quant-tensor reaches the graph at exactly the named tensors and changes the text."""
+    def greedy(*flags: str) -> subprocess.CompletedProcess:
+        result = run(build, "llama-completion", "-m", q4_1, "-p", "The history of", "-n", "40", "--temp", "0",
+                     "-t", "1", "-no-cnv", "-v", *flags)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result
+
+    base = greedy()
+    result = greedy("--fake-quant-tensor", "attn_norm:f16:0-3:0.5", "--fake-quant-tensor", "l_out:bf16")
+    assert fake_quantized(result.stderr) == {f"attn_norm-{il}" for il in range(4)} | {f"l_out-{il}" for il in range(30)}
+    assert result.stdout != base.stdout
+
+
+def test_fake_quant_list_prints_the_targets(build, q4_1):
+    result = run(build, "llama-completion", "-m", q4_1, "--fake-quant-list")
     assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "graph\tname\tlayers\tshape\tcount"
+    rows = {(graph, name): (layers, shape, count) for graph, name, layers, shape, count in (l.split("\t") for l in lines[1:])}
+    assert rows[("pp", "ffn_norm")] == ("0-29", "576x512", "30")
+    assert rows[("tg", "ffn_norm")] == ("0-29", "576", "30")
+    assert rows[("pp", "result_output")] == ("-", "49152x512", "1")
+    assert rows[("pp", "Vcur")][2] == "60"  # the matmul and its reshape both carry the name
+    assert not any(name.startswith(("cache_", "inp_tokens", "attn_inp")) or "." in name for _, name in rows)
 
 
 def harness_cli(*args: str) -> subprocess.CompletedProcess:

@@ -140,7 +140,7 @@ def test_scale_zero_is_baseline_and_applied_count(pairs):
 @pytest.mark.parametrize("fmt", ["bf16", "f16"])
 def test_captured_ffn_norm_is_the_rounding_of_the_raw_value(models, fmt):
     model = models["smollm2-f32"]
-    capture = Capture(r"ffn_norm-\d+(\.raw)?")
+    capture = Capture(r"ffn_norm-\d+(\.fq)?")
     ctx = model.context(N_CTX, tensor_hook=capture)
     tokens = model.tokenize(TEXT)[:N_CTX]
     try:
@@ -152,15 +152,15 @@ def test_captured_ffn_norm_is_the_rounding_of_the_raw_value(models, fmt):
     finally:
         ctx.close()
     got = capture.tensors
-    assert sorted(n for n in got if n.endswith(".raw")) == ["ffn_norm-3.raw", "ffn_norm-7.raw"]
+    # the eval callback sees ffn_norm-N as computed, then the node "ffn_norm-N.fq" that overwrote it
+    assert sorted(n for n in got if n.endswith(".fq")) == ["ffn_norm-3.fq", "ffn_norm-7.fq"]
     for il in (3, 7):
-        rounded, raw = got[f"ffn_norm-{il}"], got[f"ffn_norm-{il}.raw"]
+        rounded, raw = got[f"ffn_norm-{il}.fq"], got[f"ffn_norm-{il}"]
         assert representable(rounded, fmt).all()
         np.testing.assert_array_equal(bits(rounded), bits(fake_quantize(raw, fmt)))
         assert not representable(raw, fmt).all(), "the raw value should need rounding"
     for il in (0, 1, 2, 3):  # upstream of the first rounding: bit-identical to the baseline
-        key = f"ffn_norm-{il}" if il < 3 else "ffn_norm-3.raw"
-        np.testing.assert_array_equal(bits(got[key]), bits(baseline[f"ffn_norm-{il}"]))
+        np.testing.assert_array_equal(bits(got[f"ffn_norm-{il}"]), bits(baseline[f"ffn_norm-{il}"]))
     for il in (4, 5, 29):  # unselected layers are not rounded
         assert not representable(got[f"ffn_norm-{il}"], fmt).all()
 
@@ -185,6 +185,10 @@ def test_thread_count_does_not_change_bits(models):
     np.testing.assert_array_equal(bits(results[0]), bits(results[1]))
 
 
+# the names the llama builder gives each layer's computed F32 activations, in graph order
+LAYER_NAMES = "norm, attn_norm, Qcur, Vcur, Kcur, kqv_out, attn_out, ffn_inp, ffn_norm, ffn_gate, ffn_up, ffn_swiglu, ffn_out, l_out"
+
+
 @pytest.mark.parametrize(("rule", "message"), [
     (FakeQuantRule("ffn_norm", "fp4"), "unknown fake-quant format 'fp4' (allowed: bf16, f16, q8_0)"),
     (FakeQuantRule("ffn_norm", ""), "unknown fake-quant format ''"),
@@ -198,9 +202,20 @@ def test_thread_count_does_not_change_bits(models):
     (FakeQuantRule("ffn_norm", "bf16", "-1", 1.5), "fake-quant scale 1.5 is out of range (allowed: 0.0 to 1.0)"),
     (FakeQuantRule("ffn_norm", "bf16", "-1", -0.1), "fake-quant scale -0.1 is out of range"),
     (FakeQuantRule("ffn_norm", "bf16", "-1", math.nan), "fake-quant scale nan is out of range"),
-    (FakeQuantRule("no_such_tensor", "bf16"), "fake-quant target 'no_such_tensor' matches no F32 tensor"),
-    (FakeQuantRule("result_output", "bf16", "3"), "'result_output' matches no F32 tensor of layer 3"),
+    (FakeQuantRule("no_such_tensor", "bf16"), "fake-quant target 'no_such_tensor' matches no computed F32 activation "
+     f"of this model's graph; names at layer 0: {LAYER_NAMES}; names of no layer: embd, norm, result_norm, result_output"),
+    (FakeQuantRule("result_output", "bf16", "3"), "fake-quant target 'result_output' matches no computed F32 activation "
+     f"of layer 3 in this model's graph; names at layer 3: {LAYER_NAMES}"),
+    (FakeQuantRule("ffn_norm-3", "bf16"), "'ffn_norm-3' matches no computed F32 activation"),
     (FakeQuantRule("", "bf16"), "empty fake-quant target"),
+    # not activations: a model weight, graph inputs, the KV cache
+    (FakeQuantRule("token_embd.weight", "bf16"), "selects 'token_embd.weight', which is a model weight: only computed "
+     "F32 activations can be fake-quantized"),
+    (FakeQuantRule("inp_tokens", "bf16"), "selects 'inp_tokens', which is a graph input"),
+    (FakeQuantRule("attn_inp_kq_mask", "bf16"), "selects 'attn_inp_kq_mask', which is a graph input"),
+    (FakeQuantRule("cache_k_l0", "bf16"), "selects 'cache_k_l0', which is persistent state (KV cache or recurrent state)"),
+    # one tensor, two rules
+    (FakeQuantRule("ffn_norm", "f16", "3"), "fake-quant rules 0 and 1 both select 'ffn_norm-3'"),
 ])
 def test_bad_settings_are_rejected_and_leave_the_context_clean(pairs, rule, message):
     pair = pairs("smollm2-q4_1")

@@ -38,7 +38,7 @@ def test_publish_is_all_or_nothing(tmp_path):
 def test_build_key_covers_patch_and_flags(monkeypatch, tmp_path):
     base = build_mod.fingerprint()
     assert build_mod.fingerprint()["key"] == base["key"]
-    assert build_mod.fingerprint(cuda=True)["key"] != base["key"]
+    assert build_mod.fingerprint("cuda")["key"] != base["key"] != build_mod.fingerprint("vulkan")["key"]
     patch = tmp_path / "other.patch"
     patch.write_text(build_mod.PATCH.read_text() + "\n")
     monkeypatch.setattr(build_mod, "PATCH", patch)

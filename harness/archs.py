@@ -1,0 +1,162 @@
+"""Every architecture: llama.cpp's own test-llama-archs writes a tiny random-weight model of each
+architecture it supports; for each, every name of its computed graph is fake-quantized natively
+and by the eval-callback reference, and the logits bits and the counts are compared.
+
+Each model runs in its own process (a crash in one architecture's graph must not take the others
+with it), two at a time. `python -m harness archs` prints the table; `--readme` also rewrites the
+generated section of native/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from harness.build import Build
+from harness.cache import HarnessError, cache_root, progress, publish
+
+SEED = 42
+N_TOKENS = 16
+README = Path(__file__).resolve().parent.parent / "native" / "README.md"
+BEGIN, END = "<!-- archs:begin (python -m harness archs --readme) -->", "<!-- archs:end -->"
+
+
+@dataclass
+class ArchResult:
+    """One architecture's model: the names of its graph and what native vs reference gave."""
+
+    model: str                                   # file name: <arch>-dense.gguf / <arch>-moe.gguf
+    status: str                                  # "ok", "mismatch", or why it could not run here
+    names: list[str] = field(default_factory=list)
+    ffn_norm_sites: int = 0
+    mismatches: list[str] = field(default_factory=list)  # "name: what differs"
+
+
+def arch_models(build: Build) -> Path:
+    """The generated models, made once per build (the writer is part of the build)."""
+    final = cache_root() / "arch-models" / f"{build.fingerprint['key']}-s{SEED}"
+
+    def make(tmp: Path) -> None:
+        progress(f"writing a tiny model of every architecture (test-llama-archs -s {SEED})")
+        result = subprocess.run([str(build.tool("test-llama-archs")), "-o", str(tmp), "-s", str(SEED)],
+                                capture_output=True, text=True)
+        if result.returncode != 0 or not list(tmp.glob("*.gguf")):
+            raise HarnessError(f"test-llama-archs failed ({result.returncode}):\n{result.stderr[-2000:]}")
+
+    return publish(final, make)
+
+
+def check_model(path: Path, build: Build) -> ArchResult:
+    """In this process: every pp-graph name, bf16 at all its tensors, native vs reference."""
+    import numpy as np
+
+    from harness.driver import FakeQuantError, FakeQuantRule, Model
+    from harness.reference import ReferenceFakeQuant
+
+    result = ArchResult(path.name, "ok")
+    try:
+        model = Model(path, build)
+    except HarnessError as err:
+        result.status = "cannot load: " + str(err).splitlines()[-1].strip()
+        return result
+    tokens = [(7 * i + 1) % model.n_vocab for i in range(N_TOKENS)]
+    native = model.context(N_TOKENS, threads=1)
+    hook = ReferenceFakeQuant([], model.n_layer)
+    ref = model.context(N_TOKENS, threads=1, tensor_hook=hook)
+    try:
+        baseline = native.logits(tokens)
+        if not np.array_equal(baseline.view(np.uint32), ref.logits(tokens).view(np.uint32)):
+            result.status = "baseline differs with an eval callback (the graph is not deterministic here)"
+            return result
+        progress("baseline ok")
+        targets = [t for t in native.fake_quant_targets() if t.graph == "pp"]
+        result.names = sorted(t.name for t in targets)
+        if "ffn_norm" not in result.names:  # the error must name what the graph has instead
+            try:
+                native.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+                result.mismatches.append("ffn_norm: accepted although the listing has no ffn_norm")
+            except FakeQuantError as err:
+                at_layer0 = {t.name for t in targets if 0 in t.layers}
+                if "names at layer 0: " not in str(err) or not all(n in str(err) for n in at_layer0):
+                    result.mismatches.append(f"ffn_norm: the error does not list the names of layer 0: {err}")
+        for target in targets:
+            progress(f"target {target.name}")
+            rules = [FakeQuantRule(target.name, "bf16")]
+            native.set_fake_quant(rules)
+            hook.set_rules(rules)
+            got, sites = native.logits(tokens), native.fake_quant_sites
+            want, applied = ref.logits(tokens), hook.applied
+            native.set_fake_quant([])
+            hook.set_rules([])
+            if target.name == "ffn_norm":
+                result.ffn_norm_sites = sites
+            differ = int((got.view(np.uint32) != want.view(np.uint32)).sum())
+            if differ or not sites == applied == target.count:
+                result.mismatches.append(f"{target.name}: {differ} logits differ, sites {sites}, reference "
+                                         f"{applied}, listed {target.count}")
+        if result.mismatches:
+            result.status = "mismatch"
+    finally:
+        native.close()
+        ref.close()
+        model.close()
+    return result
+
+
+def _check_in_subprocess(path: Path) -> ArchResult:
+    env = dict(os.environ, FQ_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        reason = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exit {proc.returncode}: {lines[-1]}"
+        steps = [line.removeprefix("[harness] target ") for line in lines if line.startswith("[harness] target ")]
+        if any(line == "[harness] baseline ok" for line in lines):  # it ran: fake quantization broke it
+            return ArchResult(path.name, "mismatch", mismatches=[f"{steps[-1] if steps else 'listing'}: {reason}"])
+        return ArchResult(path.name, "cannot run: " + reason)
+    return ArchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def check_all(build: Build, workers: int = 2) -> list[ArchResult]:
+    """Every generated model, `workers` processes at a time, in name order."""
+    paths = sorted(arch_models(build).glob("*.gguf"))
+    results: list[ArchResult] = []
+    with ThreadPoolExecutor(workers) as pool:
+        for i, result in enumerate(pool.map(_check_in_subprocess, paths), 1):
+            results.append(result)
+            progress(f"architectures {i}/{len(paths)}: {result.model} {result.status}")
+    return results
+
+
+def table(results: list[ArchResult]) -> str:
+    """Markdown: model → names of its graph, ffn_norm sites, bitwise result."""
+    ok = sum(r.status == "ok" for r in results)
+    lines = [f"{ok} of {len(results)} models: every name bit-identical to the reference with equal counts. "
+             f"Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, bf16 at every tensor of one name "
+             "at a time.", "",
+             "| model | names in the computed graph | `ffn_norm` sites | native == reference |", "|---|---|---|---|"]
+    for r in results:
+        verdict = {"ok": f"bit-identical ({len(r.names)} names)",
+                   "mismatch": "**differs**: " + "; ".join(r.mismatches)}.get(r.status, r.status)
+        sites = str(r.ffn_norm_sites) if "ffn_norm" in r.names else "no `ffn_norm`"
+        lines.append(f"| {r.model.removesuffix('.gguf')} | {', '.join(r.names) or '–'} | {sites} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(text: str) -> None:
+    doc = README.read_text()
+    if BEGIN not in doc or END not in doc:
+        raise HarnessError(f"{README} has no generated section ({BEGIN} … {END})")
+    head, rest = doc.split(BEGIN, 1)
+    README.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":  # one model, in a child process of check_all
+    from harness.build import build as _build
+
+    print(json.dumps(asdict(check_model(Path(sys.argv[1]), _build()))))

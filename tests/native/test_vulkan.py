@@ -1,0 +1,68 @@
+"""Native fake quantization on a second real backend: Vulkan on Mesa's lavapipe (a CPU Vulkan
+driver, as upstream llama.cpp's CI runs it). With layers offloaded the nodes are the portable casts
+and copies, placed on the device; the reference rounds the device tensors in the eval callback.
+
+Needs `apt-get install -y libvulkan-dev glslc mesa-vulkan-drivers` (.ci/run installs them). Without
+them the tests skip with that message, except under CI=true, where they fail."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from harness.backend_check import check
+from harness.build import build as build_llama_cpp
+from harness.cache import HarnessError
+from harness.models import get_model
+
+pytestmark = [pytest.mark.native, pytest.mark.vulkan]
+
+ENV = dict(os.environ, GGML_VK_VISIBLE_DEVICES="0")  # lavapipe is hidden without it
+CASES = [(target, fmt) for target in ("ffn_norm", "result_output", "attn_norm") for fmt in ("bf16", "f16")]
+
+
+@pytest.fixture(scope="module")
+def vulkan():
+    try:
+        vk = build_llama_cpp("vulkan")
+    except HarnessError as err:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no Vulkan build here: {err}")
+    devices = subprocess.run([str(vk.tool("llama-completion")), "--list-devices"], capture_output=True, text=True,
+                             env=ENV)
+    assert "Vulkan0" in devices.stdout + devices.stderr, f"no Vulkan device (lavapipe):\n{devices.stderr[-2000:]}"
+    return vk
+
+
+@pytest.mark.parametrize("n_gpu_layers", [99, 10])
+@pytest.mark.parametrize("model", ["smollm2-f32", "smollm2-q4_1"])
+def test_vulkan_native_equals_reference(vulkan, build, model, n_gpu_layers):
+    """All layers offloaded, and a partial offload (layers 0-19 on the CPU with the fused node,
+    20-29 and the output on the device with the portable nodes): bit for bit, equal counts."""
+    result = check("vulkan", n_gpu_layers, get_model(model, build).path, CASES + [("ffn_norm", "q8_0")], env=ENV)
+    assert result["baseline_equal"], "the eval callback alone changed the logits"
+    n_layer = 30
+    for case in result["cases"]:
+        label = f"{case['target']} {case['fmt']}"
+        if case["fmt"] == "q8_0" and case["error"]:  # a format the device cannot do: a clear error
+            assert "does not support" in case["error"], label
+            continue
+        assert not case["error"], f"{label}: {case['error']}"
+        assert case["differ"] == 0, f"{label}: {case['differ']} logits differ from the reference"
+        assert case["sites"] == case["applied"] == (1 if case["target"] == "result_output" else n_layer), label
+        assert case["changed"] or (model == "smollm2-q4_1" and case["fmt"] == "f16"), f"{label} changed nothing"
+
+
+def test_vulkan_cli_runs_offloaded(vulkan, build):
+    """The crash this replaces: llama-completion -ngl 99 with the design's flags."""
+    model = get_model("smollm2-q4_1", build).path
+    base = [str(vulkan.tool("llama-completion")), "-m", str(model), "-p", "The capital of France is", "-n", "8",
+            "--temp", "0", "-no-cnv", "--no-warmup"]
+    for ngl in ("99", "10"):
+        out = subprocess.run(base + ["-ngl", ngl, "--fake-quant-ffn-norm", "bf16", "--fake-quant", "bf16"],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+        assert out.returncode == 0, f"-ngl {ngl}: exit {out.returncode}\n{out.stderr[-2000:]}"
+        assert "The capital of France is" in out.stdout
