@@ -44,7 +44,8 @@ CMAKE_FLAGS = (
 BACKEND_FLAGS = {"cpu": (), "vulkan": ("-DGGML_VULKAN=ON",), "cuda": ("-DGGML_CUDA=ON",)}
 # what each backend's build needs on the build machine: (file or program, Debian package)
 BACKEND_NEEDS = {
-    "vulkan": (("/usr/include/vulkan/vulkan.hpp", "libvulkan-dev"), ("glslc", "glslc")),
+    "vulkan": (("/usr/include/vulkan/vulkan.hpp", "libvulkan-dev"), ("glslc", "glslc"),
+               ("/usr/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake", "spirv-headers")),
     "cuda": (("nvcc", "nvidia-cuda-toolkit"),),
 }
 
@@ -127,9 +128,10 @@ def _run_logged(cmd: list[str], cwd: Path, log: Path) -> None:
                 step, total = line[1:].split("]")[0].split("/")
                 if int(step) % 25 == 0 or step == total:
                     progress(f"compiling {step}/{total}")
-        if proc.wait() != 0:
-            tail = log.read_text().splitlines()[-40:]
-            raise HarnessError(f"{cmd[0]} failed (full log: {log}):\n" + "\n".join(tail))
+        failed = proc.wait() != 0
+    if failed:  # read after the log is closed, so that its last lines are there
+        tail = log.read_text().splitlines()[-40:]
+        raise HarnessError(f"{cmd[0]} failed (full log: {log}):\n" + "\n".join(tail))
 
 
 def build(backend: str = "cpu") -> Build:
@@ -147,9 +149,14 @@ def build(backend: str = "cpu") -> Build:
             log = tmp / "build.log"
             progress(f"configuring llama.cpp (key {fp['key']}; log {final / 'build.log'})")
             ccache = "-DGGML_CCACHE=" + ("ON" if shutil.which("ccache") else "OFF")
-            _run_logged(["cmake", "-S", str(src), "-B", str(tmp / "build"), *fp["flags"].split(), ccache], tmp, log)
-            progress("compiling llama.cpp (about 4 minutes on 2 cores)")
-            _run_logged(["cmake", "--build", str(tmp / "build"), "--target", "llama", *TOOLS], tmp, log)
+            try:
+                _run_logged(["cmake", "-S", str(src), "-B", str(tmp / "build"), *fp["flags"].split(), ccache], tmp, log)
+                progress(f"compiling llama.cpp with the {backend} backend (CPU only: about 4 minutes on 2 cores)")
+                _run_logged(["cmake", "--build", str(tmp / "build"), "--target", "llama", *TOOLS], tmp, log)
+            except HarnessError as err:  # keep the log: the temporary directory goes
+                kept = final.parent / f"{final.name}.failed.log"
+                shutil.copy(log, kept)
+                raise HarnessError(str(err).replace(str(log), str(kept))) from None
             shutil.copytree(tmp / "build" / "bin", tmp / "bin", symlinks=True)
             for name in TOOLS:
                 if not (tmp / "bin" / name).exists():
