@@ -64,8 +64,9 @@ def rounding_stats(raw: np.ndarray, rounded: np.ndarray, histogram: bool) -> dic
 
 def layer_numerics(reference: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], n_layer: int) -> dict:
     """Per layer: relative error and mean cosine of ffn_out-N and l_out-N against the reference
-    capture, and, for each layer whose `ffn_norm-N.raw` the test capture holds (the layers
-    fake quantization touched), rounding statistics with histograms at the first, middle and last layer."""
+    capture, and, for each layer whose `ffn_norm-N.fq` the test capture holds (the layers fake
+    quantization touched: the eval callback sees `ffn_norm-N` as computed, then the fake-quant node
+    `ffn_norm-N.fq`), rounding statistics with histograms at the first, middle and last layer."""
     if n_layer < 1:
         raise ValueError(f"n_layer must be >= 1, got {n_layer}")
     out: dict = {"layers": list(range(n_layer))}
@@ -74,6 +75,6 @@ def layer_numerics(reference: Mapping[str, np.ndarray], test: Mapping[str, np.nd
         out[f"{name}_rel_err"] = [relative_error(x0, x) for x0, x in pairs]
         out[f"{name}_cos"] = [mean_cosine(x0, x) for x0, x in pairs]
     hist_layers = {0, n_layer // 2, n_layer - 1}
-    out["ffn_norm"] = {str(il): rounding_stats(test[f"ffn_norm-{il}.raw"], test[f"ffn_norm-{il}"], il in hist_layers)
-                       for il in range(n_layer) if f"ffn_norm-{il}.raw" in test}
+    out["ffn_norm"] = {str(il): rounding_stats(test[f"ffn_norm-{il}"], test[f"ffn_norm-{il}.fq"], il in hist_layers)
+                       for il in range(n_layer) if f"ffn_norm-{il}.fq" in test}
     return out

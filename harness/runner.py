@@ -100,7 +100,7 @@ class ModelSession:
             raise ValueError(f"{name}: the matrix expects {expected} layers, the model has {self.model.n_layer}")
         self.corpus = corpus or load_corpus()
         self.ctx: Context = self.model.context(matrix.N_CTX)
-        self.capture = Capture(r"(ffn_out|l_out)-\d+|ffn_norm-\d+(\.raw)?")
+        self.capture = Capture(r"(ffn_out|l_out)-\d+|ffn_norm-\d+(\.fq)?")
         self.capture_ctx: Context = self.model.context(NUMERICS_TOKENS, tensor_hook=self.capture)
         self.groups = {g.id: g for g in matrix.groups(self.model.n_layer)}
 

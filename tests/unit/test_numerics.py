@@ -23,8 +23,8 @@ def capture(rng: np.random.Generator, n_layer: int, raw_layers: tuple[int, ...] 
             out[f"{name}-{il}"] = rng.standard_normal((4, 8)).astype(np.float32)
     for il in raw_layers:
         raw = rng.standard_normal((4, 8)).astype(np.float32)
-        out[f"ffn_norm-{il}.raw"] = raw
-        out[f"ffn_norm-{il}"] = raw.astype(ml_dtypes.bfloat16).astype(np.float32)
+        out[f"ffn_norm-{il}"] = raw  # as computed; then the fake-quant node's result
+        out[f"ffn_norm-{il}.fq"] = raw.astype(ml_dtypes.bfloat16).astype(np.float32)
     return out
 
 
