@@ -41,8 +41,8 @@ def family(model: str, data: GroupData, seed: int = intervals.SEED,
         if hypothesis.task:
             x, y = arr_a["task_kld_arithmetic"], arr_a["task_kld_text"]
             ci = intervals.two_sample_ci(x, y, seed=[seed, k], resamples=resamples)
-            c = {"a": f"{a}: arithmetic", "b": f"{a}: text", "unit": f"per-prompt mean KLD ({len(x)} vs {len(y)} prompts)",
-                 "mean_a": float(x.mean()), "mean_b": float(y.mean())}
+            c = {"a": f"{a}: arithmetic", "b": f"{a}: text", "mean_a": float(x.mean()), "mean_b": float(y.mean()),
+                 "unit": f"per-prompt mean KLD ({len(x)} vs {len(y)} prompts)"}
         else:
             rec_b, arr_b = data(b)
             ci = intervals.paired_ci(arr_a["kld"], arr_b["kld"], seed=[seed, k], resamples=resamples)
@@ -145,7 +145,8 @@ def dose_response(data: GroupData, seed: int = intervals.SEED) -> list[dict]:
     for k, scale in enumerate(matrix.SCALES):
         record, arrays = data(matrix.scale_id(scale))
         n = len(arrays["kld"])
-        points.append({"scale": record["scale"], "kld_ci": intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k]).triple()})
+        ci = intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k])
+        points.append({"scale": record["scale"], "kld_ci": ci.triple()})
     full = data("all")[1]["kld"][:n]
     points.append({"scale": 1.0, "kld_ci": intervals.mean_ci(full, seed=[seed, 7 + len(matrix.SCALES)]).triple()})
     return points
