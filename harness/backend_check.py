@@ -1,8 +1,11 @@
-"""Native fake quantization against the reference on another backend (Vulkan, CUDA): run in a
-process of its own, since libllama is bound once per process and a backend's build is a different
-library. The reference rounds the device tensor in the eval callback (ggml_backend_tensor_get/_set).
+"""Native fake quantization against the reference on another backend (Vulkan, CUDA).
 
-    python -m harness.backend_check BACKEND N_GPU_LAYERS MODEL.gguf CASES_JSON  ->  one JSON line
+libllama is bound once per process and a backend's build is a different library, so each side runs
+in a process of its own: one process computes the native logits of every case (fake-quant nodes in
+the graph), another the reference's (the eval callback rounds the device tensors through
+ggml_backend_tensor_get/_set), each with a single context; the caller compares the saved logits.
+
+    python -m harness.backend_check native|reference BACKEND N_GPU_LAYERS MODEL.gguf CASES_JSON OUT_DIR
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
         "the third introduced special relativity. 17 + 25 = 42, and 6 * 7 = 42 as well.")
@@ -22,62 +27,75 @@ N_CTX = 64
 class CaseResult:
     target: str
     fmt: str
-    differ: int           # logits whose bits differ from the reference's
-    sites: int
+    differ: int           # logits whose bits differ between native and reference (-1: refused)
+    sites: int            # native fake-quant sites
     applied: int          # tensors the reference rounded
-    changed: bool         # the logits differ from the baseline
+    changed: bool         # the native logits differ from the baseline
     error: str = ""       # libllama's message when the setting was refused
 
 
-def run_cases(backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[str, str]]) -> dict:
-    """In this process: load the model with `n_gpu_layers` offloaded and compare every case."""
-    import numpy as np
-
+def run_side(side: str, backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[str, str]],
+             out: Path) -> None:
+    """In this process: the baseline and every case's logits (out/<i>.npy), counts in out/<side>.json."""
     from harness.build import build
     from harness.driver import FakeQuantError, FakeQuantRule, Model
     from harness.reference import ReferenceFakeQuant
 
     model = Model(model_path, build(backend), n_gpu_layers=n_gpu_layers)
     tokens = model.tokenize(TEXT)[:N_CTX]
-    native = model.context(N_CTX)
-    hook = ReferenceFakeQuant([], model.n_layer)
-    ref = model.context(N_CTX, tensor_hook=hook)
-    results = []
+    counts: list[dict] = []
     try:
-        baseline = native.logits(tokens)
-        callback_baseline = ref.logits(tokens)
-        for target, fmt in cases:
-            rules = [FakeQuantRule(target, fmt)]
+        for i, case in enumerate([None, *cases]):  # a fresh context per case: see native/README.md, Vulkan
+            hook = ReferenceFakeQuant([], model.n_layer) if side == "reference" else None
+            ctx = model.context(N_CTX, tensor_hook=hook)
             try:
-                native.set_fake_quant(rules)
-            except FakeQuantError as err:
-                results.append(CaseResult(target, fmt, -1, 0, 0, False, str(err)))
-                continue
-            hook.set_rules(rules)
-            got, sites = native.logits(tokens), native.fake_quant_sites
-            want, applied = ref.logits(tokens), hook.applied
-            native.set_fake_quant([])
-            hook.set_rules([])
-            results.append(CaseResult(target, fmt, int((got.view(np.uint32) != want.view(np.uint32)).sum()), sites,
-                                      applied, not np.array_equal(got.view(np.uint32), baseline.view(np.uint32))))
-        return {"baseline_equal": bool(np.array_equal(baseline.view(np.uint32), callback_baseline.view(np.uint32))),
-                "cases": [asdict(r) for r in results]}
+                if case is not None:
+                    rules = [FakeQuantRule(case[0], case[1])]
+                    try:
+                        if hook is None:
+                            ctx.set_fake_quant(rules)
+                        else:
+                            hook.set_rules(rules)
+                    except FakeQuantError as err:
+                        counts.append({"count": 0, "error": str(err)})
+                        continue
+                np.save(out / f"{side}-{'baseline' if case is None else i - 1}.npy", ctx.logits(tokens))
+                if case is not None:
+                    counts.append({"count": ctx.fake_quant_sites if hook is None else hook.applied, "error": ""})
+            finally:
+                ctx.close()
     finally:
-        native.close()
-        ref.close()
         model.close()
+    (out / f"{side}.json").write_text(json.dumps(counts))
 
 
-def check(backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[str, str]],
-          env: dict[str, str] | None = None, timeout: float = 900) -> dict:
-    """run_cases in a child process; a crash is an error with its signal and the log's tail."""
-    proc = subprocess.run([sys.executable, "-m", "harness.backend_check", backend, str(n_gpu_layers), str(model_path),
-                           json.dumps(cases)], capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"backend check exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _bits(path: Path) -> np.ndarray:
+    return np.load(path).view(np.uint32)
+
+
+def check(backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[str, str]], out: Path,
+          env: dict[str, str] | None = None, timeout: float = 900) -> tuple[bool, list[CaseResult]]:
+    """Both sides, each in a child process; (reference baseline == native baseline, per-case results).
+    A crash is an error with its exit status and the log's tail."""
+    for side in ("native", "reference"):
+        proc = subprocess.run([sys.executable, "-m", "harness.backend_check", side, backend, str(n_gpu_layers),
+                               str(model_path), json.dumps(cases), str(out)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{side} side exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    native, reference = (json.loads((out / f"{side}.json").read_text()) for side in ("native", "reference"))
+    baseline = _bits(out / "native-baseline.npy")
+    results = []
+    for i, (target, fmt) in enumerate(cases):
+        if native[i]["error"]:
+            results.append(CaseResult(target, fmt, -1, 0, reference[i]["count"], False, native[i]["error"]))
+            continue
+        got, want = _bits(out / f"native-{i}.npy"), _bits(out / f"reference-{i}.npy")
+        results.append(CaseResult(target, fmt, int((got != want).sum()), native[i]["count"], reference[i]["count"],
+                                  not np.array_equal(got, baseline)))
+    return bool(np.array_equal(baseline, _bits(out / "reference-baseline.npy"))), results
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_cases(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]),
-                               [tuple(c) for c in json.loads(sys.argv[4])])))
+    run_side(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]),
+             [tuple(c) for c in json.loads(sys.argv[5])], Path(sys.argv[6]))

@@ -266,7 +266,7 @@ class Context:
         lib = _llama._lib
         lib.llama_fake_quant_clear(self.ptr)
         self.rules = ()
-        err = ctypes.create_string_buffer(512)
+        err = ctypes.create_string_buffer(8192)
         for rule in rules:
             rc = lib.llama_fake_quant_add(self.ptr, rule.target.encode(), rule.fmt.encode(), rule.layers.encode(),
                                           float(rule.scale), err, len(err))
