@@ -51,7 +51,12 @@ def test_vulkan_native_equals_reference(vulkan, build, tmp_path, model, n_gpu_la
         assert not case.error, f"{label}: {case.error}"
         assert case.differ == 0, f"{label}: {case.differ} logits differ from the reference"
         assert case.sites == case.applied == (1 if case.target == "result_output" else 30), label
-        assert case.changed, f"{label} changed nothing"
+    # the masking trap on this backend (measured): Vulkan's matmuls take F16 activations, so f16 at
+    # a matmul input changes nothing even with F32 weights; the Q4_1 model's logits come out of the
+    # device already F16-representable. Everything else changes the logits.
+    masked = {("ffn_norm", "f16"), ("attn_norm", "f16")} | ({("result_output", "f16")} if model == "smollm2-q4_1" else set())
+    changed = {(c.target, c.fmt) for c in cases if c.changed}
+    assert changed == {(c.target, c.fmt) for c in cases} - masked
 
 
 def test_vulkan_cli_runs_offloaded(vulkan, build):
