@@ -69,18 +69,8 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pairs(models):
-    made: dict[str, Pair] = {}
-
-    def get(name: str) -> Pair:
-        if name not in made:
-            made[name] = Pair(models[name])
-        return made[name]
-
-    yield get
-    for pair in made.values():
-        pair.native.close()
-        pair.ref.close()
+def pairs(lazy_pairs):
+    return lambda name: lazy_pairs(name, Pair)
 
 
 @pytest.mark.parametrize("model", MODELS)
