@@ -1,4 +1,5 @@
-"""Command line: `python -m harness build | model NAME | targets NAME | archs | results | report | bench`.
+"""Command line: `python -m harness build | model NAME | targets NAME | archs | results | report | bench |
+atlas | advise`.
 
 Progress goes to stderr; the last line of stdout is the result (a directory or a file path).
 """
@@ -86,6 +87,88 @@ def _targets(args: argparse.Namespace) -> str:
     return "graph\tname\tlayers\tshape\tcount\n" + "\n".join(rows)
 
 
+def _names(values: list[str] | None) -> list[str] | None:
+    """A list option given as separate words or comma-separated (or both)."""
+    return [n for v in values for n in v.split(",") if n] if values else None
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number: give a KLD >= 0 in nats, "
+                                         "e.g. 1e-5") from None
+    if not (value >= 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not allowed: give a finite KLD >= 0 in nats")
+    return value
+
+
+def _atlas(args: argparse.Namespace) -> str:
+    """Every model's atlas (measured now, or from the point cache), atlas.json, then atlas.md and its plots."""
+    import json
+    from pathlib import Path
+
+    from harness import matrix
+    from harness.atlas import MAX_CHUNKS, model_atlas, provenance
+    from harness.atlas_report import render_atlas
+    from harness.build import build
+    from harness.corpus import load_corpus
+    from harness.runner import ModelSession
+
+    names = _names(args.models) or list(matrix.experiment_models())
+    corpus = load_corpus()
+    parts, prov = [], None
+    for name in names:
+        session = ModelSession(name, build(), corpus)
+        try:
+            prov = prov or provenance(session)
+            part, measured = model_atlas(session, _names(args.positions), args.layers, _names(args.formats),
+                                         MAX_CHUNKS if args.max_chunks is None else args.max_chunks)
+            print(f"[harness] {name}: {measured} points measured, {len(part['points']) - measured} from the cache",
+                  file=sys.stderr)
+            parts.append(part)
+        finally:
+            session.close()
+    out = Path(args.out)
+    (out / "atlas").mkdir(parents=True, exist_ok=True)
+    data_path = out / "atlas" / "atlas.json"
+    data_path.write_text(json.dumps({"provenance": prov, "models": parts}, indent=1))
+    return str(render_atlas(data_path, out))
+
+
+def _advise(args: argparse.Namespace) -> str:
+    """The largest set of sites that fits the budget, measured; the flags that reproduce it."""
+    from harness.atlas import MAX_CHUNKS, advise, check_advice
+    from harness.build import build
+    from harness.report import num, with_ci
+    from harness.runner import ModelSession
+
+    check_advice(args.format, args.budget)  # before the model loads
+    session = ModelSession(args.model, build())
+    try:
+        a = advise(session, args.format, args.budget, _names(args.positions), args.layers,
+                   MAX_CHUNKS if args.max_chunks is None else args.max_chunks)
+    finally:
+        session.close()
+    lines = [f"model {a['model']}, {a['fmt']}, budget {num(a['budget'])}: {len(a['sites'])} of {a['candidates']} "
+             f"sites fit (smallest KLD first; that maximizes the count)"]
+    if not a["sites"]:
+        return "\n".join(lines + [f"no site fits: the smallest single-site KLD is {num(a['smallest'])}"])
+    m = a["measured"]
+    held = "held" if a["held"]["upper"] else "held by the mean only" if a["held"]["mean"] else "NOT held"
+    lines += [
+        "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a["sites"]),
+        f"predicted KLD (sum of single-site means): {num(a['predicted'])}",
+        f"measured KLD: {with_ci(m['kld_ci'][0], m['kld_ci'])} (95 % CI, {m['tokens']['n_tokens']} tokens, "
+        f"{m['chunks']} chunk{'s' * (m['chunks'] != 1)}); measured - predicted = {num(a['prediction_error'])}",
+        f"budget {held} (mean {'<=' if a['held']['mean'] else '>'} budget, upper bound "
+        f"{'<=' if a['held']['upper'] else '>'} budget)",
+        f"llama-completion -m {a['model_path']} {a['flags']} -p PROMPT",
+        f"llama-perplexity -m {a['model_path']} {a['flags']} -f TEXT",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +192,24 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("archs", help="every architecture's tiny model: every name, native vs reference")
     p.add_argument("--readme", action="store_true", help="also rewrite the generated table in native/README.md")
     p.set_defaults(run=_archs)
+    p = sub.add_parser("atlas", help="the precision atlas: every position x layer x format; writes atlas.md")
+    p.add_argument("--models", nargs="+", help="model names (default: the experiment models, $FQ_EXPERIMENT_MODELS)")
+    p.add_argument("--positions", nargs="+", help="positions (names of the pp graph; default: every one)")
+    p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B")
+    p.add_argument("--formats", nargs="+", help="bf16, f16, q8_0 (default: all three)")
+    p.add_argument("--max-chunks", type=int,
+                   help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
+    p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")
+    p.set_defaults(run=_atlas)
+    p = sub.add_parser("advise", help="the largest set of (position, layer) sites whose predicted KLD fits a budget")
+    p.add_argument("--model", required=True, help="a model name as for `model`, or a .gguf path")
+    p.add_argument("--format", required=True, help="bf16 or f16")
+    p.add_argument("--budget", required=True, type=_budget, help="the KLD budget in nats (>= 0)")
+    p.add_argument("--positions", nargs="+", help="candidate positions (default: every one)")
+    p.add_argument("--layers", help="candidate layers: -1 (all, default), N, A-B, A,B")
+    p.add_argument("--max-chunks", type=int,
+                   help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS; cached per value)")
+    p.set_defaults(run=_advise)
     sub.add_parser("bench", help="benchmarks (python -m harness bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are bench.py's own

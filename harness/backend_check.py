@@ -6,6 +6,7 @@ the graph), another the reference's (the eval callback rounds the device tensors
 ggml_backend_tensor_get/_set), each with a single context; the caller compares the saved logits.
 
     python -m harness.backend_check native|reference BACKEND N_GPU_LAYERS MODEL.gguf CASES_JSON OUT_DIR
+    python -m harness.backend_check change BACKEND N_GPU_LAYERS MODEL.gguf
 """
 
 from __future__ import annotations
@@ -69,6 +70,33 @@ def run_side(side: str, backend: str, n_gpu_layers: int, model_path: Path, cases
     (out / f"{side}.json").write_text(json.dumps(counts))
 
 
+def change_after_decode(backend: str, n_gpu_layers: int, model_path: Path) -> dict[str, str]:
+    """In this process: rules set before a context's first decode, then a change after it (refused on
+    a context with a GPU backend: native/README.md, Vulkan). The messages, "" where accepted."""
+    from harness.build import build
+    from harness.driver import FakeQuantError, FakeQuantRule, Model
+
+    model = Model(model_path, build(backend), n_gpu_layers=n_gpu_layers)
+    tokens = model.tokenize(TEXT)[:N_CTX]
+    outcome = {}
+    try:
+        ctx = model.context(N_CTX)
+        try:
+            for step, rules in (("before", [FakeQuantRule("ffn_norm", "bf16")]),
+                                ("add after", [FakeQuantRule("attn_norm", "bf16")]), ("clear after", [])):
+                try:
+                    ctx.set_fake_quant(rules)
+                    outcome[step] = ""
+                except FakeQuantError as err:
+                    outcome[step] = str(err)
+                ctx.logits(tokens)
+        finally:
+            ctx.close()
+    finally:
+        model.close()
+    return outcome
+
+
 def _bits(path: Path) -> np.ndarray:
     return np.load(path).view(np.uint32)
 
@@ -97,5 +125,8 @@ def check(backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[s
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "change":
+        print(json.dumps(change_after_decode(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))))
+        sys.exit(0)
     run_side(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]),
              [tuple(c) for c in json.loads(sys.argv[5])], Path(sys.argv[6]))

@@ -54,8 +54,8 @@ def bind(build: Build):
     lib.llama_fake_quant_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
                                          ctypes.c_float, ctypes.c_char_p, ctypes.c_size_t]
     lib.llama_fake_quant_add.restype = ctypes.c_int32
-    lib.llama_fake_quant_clear.argtypes = [ctypes.c_void_p]
-    lib.llama_fake_quant_clear.restype = None
+    lib.llama_fake_quant_clear.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
+    lib.llama_fake_quant_clear.restype = ctypes.c_int32
     lib.llama_fake_quant_n_sites.argtypes = [ctypes.c_void_p]
     lib.llama_fake_quant_n_sites.restype = ctypes.c_int32
     lib.llama_fake_quant_n_applied.argtypes = [ctypes.c_void_p]
@@ -264,14 +264,15 @@ class Context:
     def set_fake_quant(self, rules: Sequence[FakeQuantRule]) -> None:
         """Replace the fake-quant rules (empty: off). A rejected rule leaves the context off."""
         lib = _llama._lib
-        lib.llama_fake_quant_clear(self.ptr)
-        self.rules = ()
         err = ctypes.create_string_buffer(8192)
+        if lib.llama_fake_quant_clear(self.ptr, err, len(err)) != 0:
+            raise FakeQuantError(err.value.decode())
+        self.rules = ()
         for rule in rules:
             rc = lib.llama_fake_quant_add(self.ptr, rule.target.encode(), rule.fmt.encode(), rule.layers.encode(),
                                           float(rule.scale), err, len(err))
             if rc != 0:
-                lib.llama_fake_quant_clear(self.ptr)
+                lib.llama_fake_quant_clear(self.ptr, None, 0)
                 raise FakeQuantError(err.value.decode())
         self.rules = tuple(rules)
 

@@ -55,12 +55,12 @@ def result_modules(root: str = "runner") -> list[str]:
     return sorted(seen)
 
 
-def code_version() -> str:
-    """Hash of the sources of result_modules(): results depend on the code that computes them.
+def code_version(root: str = "runner") -> str:
+    """Hash of the sources of result_modules(root): results depend on the code that computes them.
     (The build is keyed by its own fingerprint; matrix constants and group definitions enter
     the key as values too.)"""
     digest = hashlib.sha256()
-    for name in result_modules():
+    for name in result_modules(root):
         digest.update(name.encode() + b"\0" + (HARNESS / f"{name}.py").read_bytes())
     return digest.hexdigest()[:12]
 

@@ -7,8 +7,10 @@ them the tests skip with that message, except under CI=true, where they fail."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +71,16 @@ def test_vulkan_cli_runs_offloaded(vulkan, build):
                              capture_output=True, text=True, env=ENV, timeout=600)
         assert out.returncode == 0, f"-ngl {ngl}: exit {out.returncode}\n{out.stderr[-2000:]}"
         assert "The capital of France is" in out.stdout
+
+
+def test_vulkan_rules_fixed_after_first_decode(vulkan, build):
+    """Changing the rules of a live Vulkan context crashed lavapipe intermittently (native/README.md):
+    rules set before the first decode work; a later change, adding or clearing, is a clear error."""
+    model = get_model("smollm2-q4_1", build).path
+    proc = subprocess.run([sys.executable, "-m", "harness.backend_check", "change", "vulkan", "99", str(model)],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcome["before"] == ""
+    for step in ("add after", "clear after"):
+        assert "cannot change on a context with a GPU backend after it has computed a graph" in outcome[step], step

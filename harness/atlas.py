@@ -1,0 +1,487 @@
+"""The precision atlas: how much fake quantization hurts at every position of a model's graph, at
+every layer, and the largest set of (position, layer) sites that fits a KLD budget.
+
+The matrix answers one question (`ffn_norm`); choosing where BF16 is safe needs the whole map.
+
+Positions: every name the computed prompt-processing (`pp`) graph gives to an F32 activation once
+per layer (the listing's layers are all layers and its count is n_layer), plus `result_norm` and
+`result_output` (no layer). Points:
+- each position at each layer alone, in bf16 and f16;
+- each position at every layer at once, in bf16, f16 and q8_0. q8_0 rounds blocks of 32 values
+  along ne0, so a position whose ne0 is not a multiple of 32 gets a point recorded as *skipped*
+  with that reason; a rule libllama refuses is recorded as skipped with libllama's message.
+The reference point, `result_output` bf16 (the logits rounded), is always measured.
+
+Each point is measured against the model's FP32-compute baseline of the matrix (ModelSession:
+the same corpus chunks, scored positions and baseline logits on disk), token by token
+(harness.metrics): mean KLD, top-1 agreement, PPL ratio. Its interval is harness.intervals'
+circular block bootstrap (Politis-White block length, 95 %) with RESAMPLES resamples: the matrix
+uses 20,000 for p-values near Holm thresholds; the atlas tests no hypothesis, and at 2,000 the
+bounds scatter between seeds by 0.02-0.09 standard errors (measured on 8 points, 10 seeds)
+while an interval costs about 0.04 s instead of 0.35 s (a chunk's decode takes 1-2 s).
+
+Adaptive tokens (stop_reason): a point measures chunk 0 (447 scored tokens), then after each
+chunk recomputes the interval of its mean KLD over the chunks so far and stops when
+- the mean is exactly 0 (every token's distribution unchanged: nothing to tighten), or
+- the half-width (hi - lo) / 2 is at most REL_HALF_WIDTH (25 %) of the mean, or
+- it has measured max_chunks chunks (MAX_CHUNKS = 4 by default: 1,788 tokens).
+The rule looks at the data, so a point that stopped early had an interval that happened to be
+tight then; the report shows each point's chunk count and interval as measured.
+
+Points are cached one by one (PointStore: JSON published atomically under the harness cache,
+keyed like the runner's results by model, build, corpus, code and the rule's constants), so a
+killed run resumes and loses at most the point in progress, and xdist workers share the work.
+
+Additivity (additivity): per position and format, the per-token sum over layers of the
+single-layer KLDs against the all-layers KLD, on the tokens every point involved measured (the
+first chunks they share); the difference (sum - all) is bootstrapped per token, paired, so the
+correlation between layers measured on the same tokens is kept (adding independent intervals
+would ignore it).
+
+Advisor (select_sites, advise): the largest set of single sites whose predicted KLD (the sum of
+their single-site mean KLDs) fits the budget: the k sites of smallest KLD have the smallest sum
+of any k sites, so taking them smallest first maximizes the count. The set is then measured as
+one run (one rule per position with its layer list) with the same adaptive rule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from harness import matrix
+from harness.cache import HarnessError, cache_root, progress, publish
+from harness.driver import FakeQuantError, FakeQuantRule, Target
+from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
+from harness.metrics import TokenStats, summarize, token_stats
+from harness.runner import ModelSession, code_version
+
+MAX_CHUNKS = 4
+REL_HALF_WIDTH = 0.25
+RESAMPLES = 2_000
+SINGLE_FORMATS = ("bf16", "f16")
+FORMATS = ("bf16", "f16", "q8_0")
+Q8_0_BLOCK = 32
+NO_LAYER = ("result_norm", "result_output")
+REFERENCE = ("result_output", "bf16")  # the logits rounded to bf16: the yardstick of the report
+
+
+@dataclass(frozen=True)
+class Position:
+    """A fake-quantizable F32 activation of the pp graph: at every layer (`layered`) or of none."""
+
+    name: str
+    ne0: int
+    layered: bool
+
+
+def positions_of(targets: Iterable[Target], n_layer: int) -> list[Position]:
+    """The atlas's positions in the listing's order: names the pp graph computes once per layer,
+    then result_norm and result_output."""
+    every = tuple(range(n_layer))
+    listed = [t for t in targets if t.graph == "pp"]
+    out = [Position(t.name, t.shape[0], True) for t in listed if t.layers == every and t.count == n_layer]
+    out += [Position(t.name, t.shape[0], False) for t in listed if t.name in NO_LAYER and not t.layers]
+    if REFERENCE[0] not in {p.name for p in out}:
+        raise HarnessError(f"the pp graph has no '{REFERENCE[0]}' without a layer: the atlas's reference point "
+                           f"(logits rounded to {REFERENCE[1]}) cannot be measured")
+    return out
+
+
+def left_out(targets: Iterable[Target], n_layer: int) -> list[str]:
+    """Names the pp graph gives at every layer but more than once a layer (e.g. Qcur before and after
+    RoPE): one rule would round all of them, so they are no single position; the report lists them."""
+    every = tuple(range(n_layer))
+    return [f"{t.name} ({t.count} tensors)" for t in targets
+            if t.graph == "pp" and t.layers == every and t.count != n_layer]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measurement: `position` rounded to `fmt` at `layer` alone, or (None) at every layer at
+    once; for a position of no layer, None is its one tensor."""
+
+    position: str
+    fmt: str
+    layer: int | None = None
+
+    @property
+    def slug(self) -> str:
+        return f"{self.position}.{self.fmt}.{'all' if self.layer is None else f'L{self.layer:03d}'}"
+
+    @property
+    def rule(self) -> FakeQuantRule:
+        return FakeQuantRule(self.position, self.fmt, "-1" if self.layer is None else str(self.layer))
+
+
+def skip_reason(point: Point, ne0: int) -> str | None:
+    """Why a point cannot be measured (None: it can)."""
+    if point.fmt == "q8_0" and ne0 % Q8_0_BLOCK:
+        return f"q8_0 rounds blocks of {Q8_0_BLOCK} values along ne0; {point.position} has ne0 = {ne0}"
+    return None
+
+
+def plan(positions: Sequence[Position], layers: Sequence[int], formats: Sequence[str]) -> list[Point]:
+    """Every point of an atlas: single layers (bf16, f16) of layered positions, then every layer at
+    once in every format; the reference point is added when the selection lacks it."""
+    points = [Point(p.name, f, il) for p in positions if p.layered for f in formats if f in SINGLE_FORMATS
+              for il in layers]
+    points += [Point(p.name, f) for p in positions for f in formats]
+    reference = Point(*REFERENCE)
+    return points if reference in points else points + [reference]
+
+
+# measuring -------------------------------------------------------------------------------------
+
+
+def stop_reason(ci: Interval, chunks: int, max_chunks: int) -> str | None:
+    """The adaptive rule (module docstring): "zero", "tight", "max", or None to measure another chunk."""
+    if ci.estimate == 0.0:
+        return "zero"
+    if ci.estimate > 0 and (ci.hi - ci.lo) / 2 <= REL_HALF_WIDTH * ci.estimate:
+        return "tight"
+    if chunks >= max_chunks:
+        return "max"
+    return None
+
+
+def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int) -> dict:
+    """Measure `rules` on the matrix's chunks, adding chunks until stop_reason says stop: the
+    per-token KLDs, their interval, the matrix's token summary, sites and timing."""
+    base_dir = session.baseline_dir  # before the clock starts: shared by every point
+    ctx = session.ctx
+    started, compute_before = time.perf_counter(), ctx.compute_seconds
+    ctx.set_fake_quant(list(rules))
+    try:
+        sites = ctx.fake_quant_sites
+        parts: list[TokenStats] = []
+        for i, chunk in enumerate(session.chunks[:max_chunks]):
+            test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
+            base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
+            parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
+            stats = TokenStats.concat(parts)
+            ci = mean_ci(stats.kld, resamples=RESAMPLES)
+            stop = stop_reason(ci, i + 1, max_chunks)
+            if stop:
+                break
+    finally:
+        ctx.set_fake_quant([])
+    return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": len(parts), "stop": stop,
+            "kld_ci": ci.triple(), "block": ci.block, "tokens": summarize(stats), "kld": stats.kld.tolist(),
+            "timing": {"wall_s": time.perf_counter() - started, "compute_s": ctx.compute_seconds - compute_before}}
+
+
+def measure_point(session: ModelSession, point: Point, ne0: int, max_chunks: int) -> dict:
+    """A point's record: measured, or skipped with the reason."""
+    record: dict = {"point": asdict(point)}
+    reason = skip_reason(point, ne0)
+    if reason is None:
+        try:
+            return record | measure_rules(session, [point.rule], max_chunks)
+        except FakeQuantError as exc:
+            reason = f"libllama refused the rule: {exc}"
+    return record | {"skipped": reason}
+
+
+class PointStore:
+    """Point records, one JSON file each (`<slug>/point.json`) under `directory`, published
+    atomically (harness.cache.publish): a killed run keeps every finished point, and two
+    processes asking for the same point measure it once."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def path(self, point: Point) -> Path:
+        return self.directory / point.slug / "point.json"
+
+    def has(self, point: Point) -> bool:
+        return self.path(point).exists()
+
+    def get(self, point: Point, measure: Callable[[Point], dict]) -> tuple[dict, bool]:
+        """The point's record, measured now (True) or read from the store (False)."""
+        measured = False
+
+        def make(tmp: Path) -> None:
+            nonlocal measured
+            (tmp / "point.json").write_text(json.dumps(measure(point)))
+            measured = True
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        publish(self.path(point).parent, make)
+        return json.loads(self.path(point).read_text()), measured
+
+
+def store_key(session: ModelSession, max_chunks: int) -> dict[str, str]:
+    """What decides a point's record: the session's key (model, build, corpus, chunks), this
+    module's code and everything it imports, and the stopping rule's constants."""
+    return dict(session.key, atlas_code=code_version("atlas"), max_chunks=str(max_chunks),
+                rule=f"{REL_HALF_WIDTH}/{RESAMPLES}/{CONFIDENCE}/{SEED}")
+
+
+def store_for(session: ModelSession, max_chunks: int, root: Path | None = None) -> PointStore:
+    root = root or cache_root() / "atlas"
+    return PointStore(root / f"{session.name}-{ModelSession._tag(store_key(session, max_chunks))}")
+
+
+def eta_text(elapsed: float, measured: int, todo: int) -> str:
+    """Remaining time from the mean time of the points measured so far."""
+    if todo == 0:
+        return "done"
+    if measured == 0:
+        return f"{todo} to measure, ETA after the first"
+    seconds = elapsed / measured * todo
+    return f"{todo} to measure, ETA {int(seconds // 60)} min {int(seconds % 60):02d} s"
+
+
+def run_points(points: Sequence[Point], store: PointStore, measure: Callable[[Point], dict],
+               label: str = "atlas") -> tuple[list[dict], int]:
+    """Every point's record (from the store, or measured and stored now, in order) and how many
+    were measured now; progress (done / total, ETA) on stderr."""
+    todo = sum(not store.has(p) for p in points)
+    started, measured, records = time.perf_counter(), 0, []
+    for i, point in enumerate(points, 1):
+        record, fresh = store.get(point, measure)
+        records.append(record)
+        if fresh:
+            measured += 1
+            todo = max(0, todo - 1)
+        progress(f"{label}: {i}/{len(points)} points, {point.slug} {'measured' if fresh else 'cached'}; "
+                 f"{eta_text(time.perf_counter() - started, measured, todo)}")
+    return records, measured
+
+
+# the atlas of one model -----------------------------------------------------------------------
+
+
+def parse_layers(spec: str | None, n_layer: int) -> list[int]:
+    """A layer spec ("-1" or None: all; "N", "A-B", "A,B", mixtures) as sorted layers; a clear
+    error naming the spec and the model's layers."""
+    if spec in (None, "-1"):
+        return list(range(n_layer))
+    items = [re.fullmatch(r"(\d+)(?:-(\d+))?", item) for item in spec.split(",")]
+    if not all(items):
+        raise HarnessError(f"malformed layer spec {spec!r} (allowed: -1, N, A-B, A,B or a mixture)")
+    spans = [(int(m[1]), int(m[2] or m[1])) for m in items]
+    layers = {il for a, b in spans for il in range(a, b + 1)}
+    if any(a > b for a, b in spans) or max(b for _, b in spans) >= n_layer:
+        raise HarnessError(f"layer spec {spec!r} selects layers outside 0-{n_layer - 1} (the model has {n_layer})")
+    return sorted(layers)
+
+
+def layer_spec(layers: Iterable[int]) -> str:
+    """The shortest spec of a set of layers ("0-4,10"), as libllama and the flags parse it."""
+    spans: list[list[int]] = []
+    for il in sorted(set(layers)):
+        if spans and il == spans[-1][1] + 1:
+            spans[-1][1] = il
+        else:
+            spans.append([il, il])
+    if not spans:
+        raise ValueError("an empty set of layers has no spec")
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def check_choice(kind: str, asked: Sequence[str], allowed: Sequence[str]) -> list[str]:
+    """`asked` in the order of `allowed`; an unknown name is an error naming it and the allowed ones."""
+    unknown = [a for a in asked if a not in allowed]
+    if unknown:
+        raise HarnessError(f"unknown {kind} {', '.join(map(repr, unknown))} (allowed: {', '.join(allowed)})")
+    return [a for a in allowed if a in asked]
+
+
+class ModelAtlas:
+    """One model's atlas: its positions, its points and their store."""
+
+    def __init__(self, session: ModelSession, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> None:
+        if not 1 <= max_chunks <= len(session.chunks):
+            raise HarnessError(f"max chunks {max_chunks} outside 1-{len(session.chunks)} (the chunks the "
+                               f"matrix's baseline has)")
+        self.session = session
+        self.max_chunks = max_chunks
+        targets = session.ctx.fake_quant_targets()
+        self.positions = positions_of(targets, session.model.n_layer)
+        self.left_out = left_out(targets, session.model.n_layer)
+        self.ne0 = {p.name: p.ne0 for p in self.positions}
+        self.store = store_for(session, max_chunks, root)
+
+    def select(self, positions: Sequence[str] | None) -> list[Position]:
+        names = [p.name for p in self.positions]
+        chosen = check_choice("position", positions, names) if positions else names
+        return [p for p in self.positions if p.name in chosen]
+
+    def measure(self, point: Point) -> dict:
+        return measure_point(self.session, point, self.ne0[point.position], self.max_chunks)
+
+    def run(self, points: Sequence[Point]) -> tuple[list[dict], int]:
+        if not all(self.store.has(p) for p in points):
+            self.session.baseline_dir  # made (or found) before the clock of the ETA starts
+        return run_points(points, self.store, self.measure, f"{self.session.name} atlas")
+
+
+def additivity(singles: Sequence[Sequence[float]], whole: Sequence[float]) -> dict:
+    """Sum of per-layer KLDs vs the all-layers KLD on the tokens all of them measured (the
+    per-token arrays are chunk-ordered, so their common prefix): intervals of each, and of the
+    paired per-token difference (sum - all)."""
+    if not singles:
+        raise ValueError("additivity needs at least one single-layer point")
+    n = min(len(whole), *(len(s) for s in singles))
+    total = np.sum([np.asarray(s[:n], dtype=np.float64) for s in singles], axis=0)
+    every = np.asarray(whole[:n], dtype=np.float64)
+    diff = paired_ci(total, every, resamples=RESAMPLES)
+    return {"n_tokens": n, "sum_ci": mean_ci(total, resamples=RESAMPLES).triple(),
+            "all_ci": mean_ci(every, resamples=RESAMPLES).triple(), "difference_ci": diff.triple(),
+            "verdict": additivity_verdict(diff)}
+
+
+def additivity_verdict(diff: Interval) -> str:
+    """From the interval of sum - all: "additive" when it covers 0, else the direction."""
+    if diff.lo > 0:
+        return "sub-additive (all layers at once hurt less than the sum)"
+    if diff.hi < 0:
+        return "super-additive (all layers at once hurt more than the sum)"
+    return "additive (the difference's interval covers 0)"
+
+
+def summary(record: dict) -> dict:
+    """A point record without its per-token array: what atlas.json keeps."""
+    return {k: v for k, v in record.items() if k != "kld"}
+
+
+def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, float]) -> dict:
+    """One model's part of atlas.json: provenance, positions, point summaries, additivity and timing."""
+    s = atlas.session
+    by_point = {Point(**r["point"]): r for r in records}
+    n_layer = s.model.n_layer
+    additive = []
+    for p in (p for p in atlas.positions if p.layered):
+        for fmt in SINGLE_FORMATS:
+            whole = by_point.get(Point(p.name, fmt))
+            if whole is None:
+                continue
+            singles = [by_point.get(Point(p.name, fmt, il)) for il in range(n_layer)]
+            entry = {"position": p.name, "fmt": fmt}
+            missing = [il for il, r in enumerate(singles) if r is None]
+            if missing:
+                entry["skipped"] = f"layers {layer_spec(missing)} not measured (the sum needs every layer)"
+            else:
+                entry |= additivity([r["kld"] for r in singles], whole["kld"])
+            additive.append(entry)
+    measured = [r for r in records if "skipped" not in r]
+    wall = sum(r["timing"]["wall_s"] for r in measured)
+    compute = sum(r["timing"]["compute_s"] for r in measured)
+    return {
+        "model": s.name, "label": matrix.model_label(s.name), "path": str(s.file.path), "sha256": s.file.sha256,
+        "arch": s.info.arch, "weight_type": s.info.weight_type, "n_layer": n_layer, "store": str(atlas.store.directory),
+        "max_chunks": atlas.max_chunks, "positions": [asdict(p) for p in atlas.positions], "left_out": atlas.left_out,
+        "points": [summary(r) for r in records], "additivity": additive,
+        "timing": {"points_wall_s": wall, "points_compute_s": compute,
+                   "points_compute_share": compute / wall if wall else None, **run_seconds},
+    }
+
+
+def provenance(session: ModelSession) -> dict:
+    """What every model of one atlas shares: build, corpus, chunks, the stopping rule."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": session.build.fingerprint,
+            "corpus": {"name": session.corpus.name, "sha256": session.corpus.sha256},
+            "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
+            "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
+            "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,
+                     "seed": SEED, "q8_0_block": Q8_0_BLOCK, "reference": list(REFERENCE)}}
+
+
+def model_atlas(session: ModelSession, positions: Sequence[str] | None = None, layers: str | None = None,
+                formats: Sequence[str] | None = None, max_chunks: int = MAX_CHUNKS,
+                root: Path | None = None) -> tuple[dict, int]:
+    """Measure (or read) one model's atlas, restricted to `positions`, `layers`, `formats`; its
+    atlas.json part and the number of points measured now."""
+    started = time.perf_counter()
+    compute_before = session.ctx.compute_seconds
+    atlas = ModelAtlas(session, max_chunks, root)
+    fmts = check_choice("format", formats, FORMATS) if formats else list(FORMATS)
+    points = plan(atlas.select(positions), parse_layers(layers, session.model.n_layer), fmts)
+    records, measured = atlas.run(points)
+    run = {"run_wall_s": time.perf_counter() - started, "run_compute_s": session.ctx.compute_seconds - compute_before}
+    return assemble(atlas, records, run), measured
+
+
+# the budget advisor ---------------------------------------------------------------------------
+
+Site = tuple[str, int | None]  # (position, layer); layer None for a position of no layer
+
+
+def select_sites(kld: Mapping[Site, float], budget: float) -> list[Site]:
+    """The largest set of sites whose summed KLD (math.fsum) is at most `budget`: the k smallest
+    have the smallest sum of any k sites, so the answer is the longest prefix of the sites in
+    ascending KLD that fits (ties broken by name and layer, so the answer is deterministic)."""
+    if not budget >= 0:
+        raise ValueError(f"budget must be a KLD >= 0, got {budget}")
+    order = sorted(kld, key=lambda s: (kld[s], s[0], -1 if s[1] is None else s[1]))
+    values = [kld[s] for s in order]
+    best = 0
+    for k in range(1, len(order) + 1):
+        if math.fsum(values[:k]) <= budget:
+            best = k
+    return order[:best]
+
+
+def rules_for(sites: Iterable[Site], fmt: str) -> list[FakeQuantRule]:
+    """One rule per position, with its layers as one spec ("-1" for a position of no layer)."""
+    by_position: dict[str, list[int]] = {}
+    whole: list[str] = []
+    for position, layer in sites:
+        if layer is None:
+            whole.append(position)
+        else:
+            by_position.setdefault(position, []).append(layer)
+    rules = [FakeQuantRule(p, fmt, layer_spec(ls)) for p, ls in sorted(by_position.items())]
+    return rules + [FakeQuantRule(p, fmt) for p in sorted(set(whole))]
+
+
+def cli_flags(rules: Iterable[FakeQuantRule]) -> str:
+    """The llama.cpp tools' flags for the same rules (native/README.md: --fake-quant-tensor NAME:TYPE[:LAYERS])."""
+    return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}" + ("" if r.layers == "-1" else f":{r.layers}")
+                    for r in rules)
+
+
+def check_advice(fmt: str, budget: float) -> None:
+    """The advisor's format and budget, checked before any model loads."""
+    if fmt not in SINGLE_FORMATS:
+        raise HarnessError(f"unknown format {fmt!r} for the advisor (allowed: {', '.join(SINGLE_FORMATS)}; the atlas "
+                           "measures q8_0 only at every layer at once, so it has no single sites to choose from)")
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
+        raise HarnessError(f"budget {budget!r} is not allowed: it must be a finite KLD >= 0 (nats)")
+
+
+def advise(session: ModelSession, fmt: str, budget: float, positions: Sequence[str] | None = None,
+           layers: str | None = None, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> dict:
+    """The advised set for `budget` from the single-site points (measured now where missing),
+    then that set measured as one run: predicted vs measured KLD and the flags that reproduce it."""
+    check_advice(fmt, budget)
+    atlas = ModelAtlas(session, max_chunks, root)
+    chosen = atlas.select(positions)
+    candidates = [Point(p.name, fmt, il) for p in chosen if p.layered
+                  for il in parse_layers(layers, session.model.n_layer)]
+    candidates += [Point(p.name, fmt) for p in chosen if not p.layered]
+    records, measured_now = atlas.run(candidates)
+    kld = {(r["point"]["position"], r["point"]["layer"]): r["kld_ci"][0] for r in records if "skipped" not in r}
+    sites = select_sites(kld, budget)
+    rules = rules_for(sites, fmt)
+    advice = {"model": session.name, "fmt": fmt, "budget": budget, "candidates": len(kld),
+              "measured_now": measured_now, "sites": [list(s) for s in sites],
+              "predicted": math.fsum(kld[s] for s in sites), "rules": [asdict(r) for r in rules],
+              "flags": cli_flags(rules), "model_path": str(session.file.path)}
+    if not sites:
+        advice["smallest"] = min(kld.values(), default=None)
+        return advice
+    progress(f"{session.name}: measuring the advised set ({len(sites)} sites)")
+    run = measure_rules(session, rules, max_chunks)
+    mean, hi = run["kld_ci"][0], run["kld_ci"][2]
+    return advice | {"measured": summary(run), "held": {"mean": mean <= budget, "upper": hi <= budget},
+                     "prediction_error": mean - advice["predicted"]}

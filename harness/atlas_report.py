@@ -1,0 +1,398 @@
+"""atlas.json → `atlas.md` with a heatmap per model and format and a ranking per model (PNG, in
+`atlas/` beside it).
+
+Kept apart from harness.atlas on purpose: the atlas's point cache is keyed by the source of
+harness.atlas and everything it imports, so a change to a caption here must not throw away hours
+of measurements. Every figure is read from atlas.json; a table or plot whose data are absent
+says why instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+
+from harness.cache import HarnessError
+from harness.report import _pyplot, _save, _yerr, duration, num, pct, ratio, table, with_ci
+
+TOP_PAIRS = 10
+FORMAT_MARKERS = {"bf16": "o", "f16": "s", "q8_0": "^"}
+
+
+def load_atlas(path: Path) -> dict:
+    if not path.is_file():
+        raise HarnessError(f"atlas file {path} not found: run `python -m harness atlas` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HarnessError(f"atlas file {path} is not readable JSON: {exc}") from exc
+    if not isinstance(data, dict) or not data.get("models"):
+        raise HarnessError(f"atlas file {path} is malformed: expected an object with a non-empty 'models' list")
+    return data
+
+
+class View:
+    """Look-ups over one model's part of atlas.json."""
+
+    def __init__(self, model: dict, reference: Sequence[str]) -> None:
+        self.m = model
+        self.ref_position, self.ref_fmt = reference
+        self.label: str = model["label"]
+        self.n_layer: int = model["n_layer"]
+        self.layered = [p["name"] for p in model["positions"] if p["layered"]]
+        self.names = [p["name"] for p in model["positions"]]
+        self.points = {(r["point"]["position"], r["point"]["fmt"], r["point"]["layer"]): r for r in model["points"]}
+
+    def get(self, position: str, fmt: str, layer: int | None = None) -> dict | None:
+        """A measured point (None when absent or skipped)."""
+        r = self.points.get((position, fmt, layer))
+        return r if r is not None and "skipped" not in r else None
+
+    def skipped(self) -> list[dict]:
+        return [r for r in self.m["points"] if "skipped" in r]
+
+    def singles(self, fmt: str) -> list[dict]:
+        return [r for r in self.m["points"] if "skipped" not in r and r["point"]["fmt"] == fmt
+                and r["point"]["layer"] is not None]
+
+    def reference(self) -> dict | None:
+        return self.get(self.ref_position, self.ref_fmt)
+
+    def formats(self) -> list[str]:
+        return list(dict.fromkeys(r["point"]["fmt"] for r in self.m["points"]))
+
+
+def kld(r: dict | None) -> float | None:
+    return None if r is None else r["kld_ci"][0]
+
+
+def ci_text(r: dict | None) -> str:
+    return "–" if r is None else with_ci(r["kld_ci"][0], r["kld_ci"])
+
+
+def image_name(label: str, kind: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return f"atlas/{kind}-{safe}.png"
+
+
+# plots -----------------------------------------------------------------------------------------
+
+
+def shared_limits(views: Sequence[View]) -> tuple[float, float] | None:
+    """Colour limits for every heatmap: the smallest and largest positive single-layer KLD of any
+    model and format, so colours compare across models and formats."""
+    values = [r["kld_ci"][0] for v in views for fmt in ("bf16", "f16") for r in v.singles(fmt) if r["kld_ci"][0] > 0]
+    return (min(values), max(values)) if values else None
+
+
+def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> str | None:
+    rows = [p for p in v.layered if any(v.get(p, fmt, il) for il in range(v.n_layer))]
+    if not rows:
+        return f"no single-layer {fmt} points measured"
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    grid = np.full((len(rows), v.n_layer), np.nan)
+    for i, p in enumerate(rows):
+        for il in range(v.n_layer):
+            value = kld(v.get(p, fmt, il))
+            if value is not None:
+                grid[i, il] = value if value > 0 else limits[0] / 10  # drawn in the "under" colour
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white", under="lightgrey")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * v.n_layer + 3), max(3.0, 0.3 * len(rows) + 1.6)))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=LogNorm(*limits),
+                      interpolation="nearest")
+    ref = kld(v.reference())
+    if ref is not None:
+        above = np.argwhere(np.nan_to_num(grid) > ref)
+        ax.scatter(above[:, 1], above[:, 0], marker="x", s=14, c="red", lw=0.8,
+                   label=f"mean KLD above the reference, {v.ref_position} {v.ref_fmt} ({ref:.2g})")
+        if len(above):
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.set_xticks(range(0, v.n_layer, max(1, v.n_layer // 15)))
+    ax.set_xlabel("layer (fake-quantized alone)")
+    fig.colorbar(image, ax=ax, extend="min", label="mean KLD vs baseline (nats, log scale)")
+    ax.set_title(f"{v.label}: {fmt} at one position and layer (white: not measured, grey: KLD ≤ 0)", fontsize=10)
+    _save(fig, path)
+    return None
+
+
+def ranked(v: View) -> list[str]:
+    """Positions by their all-layers bf16 KLD, most harmful first (those without one last)."""
+    return sorted(v.names, key=lambda p: (kld(v.get(p, "bf16")) is None, -(kld(v.get(p, "bf16")) or 0.0), p))
+
+
+def plot_ranking(v: View, path: Path) -> str | None:
+    order = [p for p in ranked(v) if any(v.get(p, f) for f in v.formats())]
+    if not order:
+        return "no all-layers points measured"
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * len(order) + 2), 4.8))
+    dropped = []
+    for j, fmt in enumerate(v.formats()):
+        pts = [(i, v.get(p, fmt)) for i, p in enumerate(order) if v.get(p, fmt)]
+        dropped += [f"{order[i]} {fmt}" for i, r in pts if r["kld_ci"][0] <= 0]
+        pts = [(i, r) for i, r in pts if r["kld_ci"][0] > 0]
+        if pts:
+            cis = [r["kld_ci"] for _, r in pts]
+            ax.errorbar([i + (j - 1) * 0.2 for i, _ in pts], [c[0] for c in cis], yerr=_yerr(cis), ls="",
+                        marker=FORMAT_MARKERS.get(fmt, "o"), ms=4, capsize=2, label=f"{fmt}, every layer")
+    ref = v.reference()
+    if ref is not None:
+        c = ref["kld_ci"]
+        ax.axhline(c[0], color="tab:red", lw=1, ls="--",
+                   label=f"reference: {v.ref_position} {v.ref_fmt}, every layer: {c[0]:.2g}")
+        ax.axhspan(c[1], c[2], color="tab:red", alpha=0.12)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("mean KLD vs baseline (95 % CI)")
+    title = f"{v.label}: positions ranked by all-layers bf16 KLD"
+    if dropped:
+        title += f"\n(not drawn, KLD ≤ 0: {', '.join(dropped)})"
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save(fig, path)
+    return None
+
+
+# sections --------------------------------------------------------------------------------------
+
+
+def section_intro(data: dict) -> list[str]:
+    p = data["provenance"]
+    rule, b = p["rule"], p["build"]
+    n = p["tokens_per_chunk"]
+    return [
+        "# Precision atlas", "",
+        f"- Date: {p['date']}; build `{b['key']}` (llama.cpp `{b['llama_cpp_commit'][:12]}`, patch "
+        f"`{b['patch_sha256'][:12]}`); corpus {p['corpus']['name']} (`{p['corpus']['sha256'][:12]}`), the matrix's "
+        f"chunks of {p['n_ctx']} tokens, {n} scored per chunk.",
+        f"- Each point rounds one position (a name of the computed graph) at one layer, or at every layer at once, "
+        f"and is compared with the model's FP32-compute baseline: **mean KLD** (nats) with a 95 % circular block "
+        f"bootstrap interval ({rule['resamples']} resamples, Politis-White block length, seed {rule['seed']}), "
+        f"**top-1 agreement** and **PPL ratio**.",
+        f"- **Stopping rule**: a point measures one chunk ({n} tokens), then adds chunks until the half-width of its "
+        f"interval is at most {rule['rel_half_width']:.0%} of its mean KLD, or its KLD is exactly 0, or it has "
+        f"measured the maximum (`--max-chunks`, per model below). The rule looks at the data, so an early stop "
+        f"means the interval was tight then; each point's chunk count is in the tables.",
+        f"- **Reference**: `{rule['reference'][0]}` in {rule['reference'][1]} (the logits rounded), measured like "
+        f"any point. A position *stays below it at every layer* when each single-layer bf16 point's upper bound is "
+        f"below the reference's lower bound (\"clearly\"), or at least each mean is below the reference's mean "
+        f"(\"by the means\").",
+        f"- q8_0 rounds blocks of {rule['q8_0_block']} values along ne0: positions whose ne0 is not a multiple are "
+        f"listed as skipped, with the reason.",
+        "- **Additivity**: per position and format, the per-token sum of the single-layer KLDs against the "
+        "all-layers KLD on the tokens every one of those points measured; the interval of the difference "
+        "(sum − all) comes from bootstrapping that per-token difference (paired, so what layers share on the same "
+        "tokens is kept). *Additive*: the interval covers 0; *sub-additive*: all layers at once hurt less than the "
+        "sum; *super-additive*: more.",
+        "- Budget advisor: `python -m harness advise --model M --format bf16 --budget KLD` picks the largest set of "
+        "(position, layer) sites whose summed single-site KLD fits the budget, measures it, and prints the flags.",
+        "",
+    ]
+
+
+def section_below(v: View) -> list[str]:
+    ref = v.reference()
+    lines = [f"### Where bf16 stays below the reference ({v.ref_position} {v.ref_fmt})", ""]
+    if ref is None:
+        return lines + [f"Skipped: the reference point ({v.ref_position} {v.ref_fmt}) was not measured.", ""]
+    rows, clearly, by_means = [], [], []
+    for p in v.layered:
+        measured = {il: v.get(p, "bf16", il) for il in range(v.n_layer) if v.get(p, "bf16", il)}
+        if not measured:
+            continue
+        worst_layer = max(measured, key=lambda il: measured[il]["kld_ci"][0])
+        complete = len(measured) == v.n_layer
+        above = [il for il, r in measured.items() if r["kld_ci"][0] >= ref["kld_ci"][0]]
+        if above:
+            verdict = f"no: mean at or above it at layers {', '.join(map(str, above))}"
+        elif all(r["kld_ci"][2] < ref["kld_ci"][1] for r in measured.values()):
+            verdict = "yes, clearly"
+            if complete:
+                clearly.append(p)
+        else:
+            verdict = "yes, by the means (some intervals overlap the reference's)"
+            if complete:
+                by_means.append(p)
+        if not complete:
+            verdict += f" (only {len(measured)} of {v.n_layer} layers measured, so not listed below)"
+        rows.append([f"`{p}`", str(len(measured)), str(worst_layer), ci_text(measured[worst_layer]), verdict])
+    if not rows:
+        return lines + ["Skipped: no single-layer bf16 points measured.", ""]
+    lines += [f"Reference: `{v.ref_position}` {v.ref_fmt}, KLD {ci_text(ref)}.", ""]
+    lines += table(["position", "layers measured", "worst layer", "its bf16 KLD [95 % CI]",
+                    "below the reference at every layer?"], rows)
+    lines += [f"Below it at every layer, clearly: {', '.join(f'`{p}`' for p in clearly) or 'none'}; by the means "
+              f"only: {', '.join(f'`{p}`' for p in by_means) or 'none'}.", ""]
+    return lines
+
+
+def section_sensitive(v: View) -> list[str]:
+    lines = [f"### The most sensitive (position, layer) pairs (top {TOP_PAIRS} per format)", ""]
+    rows = []
+    for fmt in ("bf16", "f16"):
+        top = sorted(v.singles(fmt), key=lambda r: -r["kld_ci"][0])[:TOP_PAIRS]
+        rows += [[str(rank), fmt, f"`{r['point']['position']}`", str(r["point"]["layer"]), ci_text(r),
+                  pct(r["tokens"]["top1_agreement"], ".4g"), ratio(r["tokens"]["ppl_ratio"]),
+                  f"{r['chunks']} ({r['stop']})"] for rank, r in enumerate(top, 1)]
+    if not rows:
+        return lines + ["Skipped: no single-layer points measured.", ""]
+    return lines + table(["rank", "format", "position", "layer", "KLD [95 % CI]", "top-1 agreement", "PPL ratio",
+                          "chunks (stop)"], rows)
+
+
+def section_all_layers(v: View) -> list[str]:
+    lines = ["### Every layer at once", ""]
+    fmts = v.formats()
+    rows = []
+    for p in (p for p in ranked(v) if any((p, fmt, None) in v.points for fmt in fmts)):
+        cells = []
+        for fmt in fmts:
+            r = v.points.get((p, fmt, None))
+            cells.append("not in this atlas" if r is None else f"skipped ({r['skipped']})" if "skipped" in r
+                         else f"{ci_text(r)}, {r['chunks']} ch.")
+        bf = v.get(p, "bf16")
+        ne0 = next(x["ne0"] for x in v.m["positions"] if x["name"] == p)
+        rows.append([f"`{p}`", str(ne0), *cells, pct(bf["tokens"]["top1_agreement"], ".4g") if bf else "–",
+                     ratio(bf["tokens"]["ppl_ratio"]) if bf else "–"])
+    return lines + table(["position", "ne0", *[f"{f} KLD [95 % CI], chunks" for f in fmts], "bf16 top-1",
+                          "bf16 PPL ratio"], rows)
+
+
+def section_additivity(v: View) -> list[str]:
+    lines = ["### Additivity: the sum of single layers vs every layer at once", ""]
+    entries = v.m["additivity"]
+    if not entries:
+        return lines + ["Skipped: no position has both its all-layers point and single-layer points.", ""]
+    rows = []
+    for e in entries:
+        if "skipped" in e:
+            rows.append([f"`{e['position']}`", e["fmt"], "–", "–", "–", "–", f"skipped: {e['skipped']}"])
+        else:
+            rows.append([f"`{e['position']}`", e["fmt"], str(e["n_tokens"]), with_ci(e["sum_ci"][0], e["sum_ci"]),
+                         with_ci(e["all_ci"][0], e["all_ci"]), with_ci(e["difference_ci"][0], e["difference_ci"]),
+                         e["verdict"]])
+    lines += table(["position", "format", "tokens", "Σ single layers [95 % CI]", "all layers [95 % CI]",
+                    "sum − all [95 % CI]", "verdict"], rows)
+    done = [e for e in entries if "skipped" not in e]
+    if done:
+        counts: dict[str, int] = {}
+        for e in done:
+            word = e["verdict"].split(" ")[0]
+            counts[word] = counts.get(word, 0) + 1
+        lines += [f"Of {len(done)} position-format pairs: " + ", ".join(f"{n} {w}" for w, n in counts.items()) + ".",
+                  ""]
+    return lines
+
+
+def section_model(v: View, skipped_plots: dict[str, str | None]) -> list[str]:
+    m, t = v.m, v.m["timing"]
+    stops: dict[str, int] = {}
+    for r in m["points"]:
+        key = "skipped" if "skipped" in r else r["stop"]
+        stops[key] = stops.get(key, 0) + 1
+    share = pct(t["points_compute_share"]) if t["points_compute_share"] is not None else "–"
+    lines = [f"## {v.label} ({m['weight_type']} weights, {m['arch']}, {v.n_layer} layers)", "",
+             f"- Model `{m['path']}` (sha256 `{m['sha256'][:12]}`); {len(m['positions'])} positions "
+             f"({len(v.layered)} per layer; left out, named more than once a layer: "
+             f"{', '.join(m['left_out']) or 'none'}), {len(m['points'])} points: "
+             + ", ".join(f"{n} {k}" for k, n in sorted(stops.items())) + f"; at most {m['max_chunks']} chunks a point.",
+             f"- Time: the points took {duration(t['points_wall_s'])} when they were measured, {share} of it inside "
+             f"llama_decode; this run took {duration(t['run_wall_s'])} ({duration(t['run_compute_s'])} in "
+             "llama_decode)."]
+    for r in v.skipped():
+        pt = r["point"]
+        lines.append(f"- Skipped: `{pt['position']}` {pt['fmt']} "
+                     f"{'every layer' if pt['layer'] is None else 'layer ' + str(pt['layer'])}: {r['skipped']}")
+    lines.append("")
+    lines += section_below(v) + section_sensitive(v) + section_all_layers(v) + section_additivity(v)
+    for name, caption in skipped_plots.items():
+        kind = name.split("/")[1].split("-")[0]
+        lines += [f"Plot skipped ({kind}): {caption}.", ""] if caption else [f"![{v.label} {kind}]({name})", ""]
+    return lines
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic) if len(a) >= 3 else None
+
+
+def section_between(views: Sequence[View]) -> list[str]:
+    """What changes between two models: weight type (same architecture) or architecture."""
+    if len(views) < 2:
+        return []
+    lines = ["## Between models", ""]
+    for a, b in combinations(views, 2):
+        same_arch = a.m["arch"] == b.m["arch"]
+        what = (f"weights {a.m['weight_type']} vs {b.m['weight_type']} (same architecture, {a.m['arch']})" if same_arch
+                else f"architectures {a.m['arch']} ({a.label}) vs {b.m['arch']} ({b.label})")
+        lines += [f"### {a.label} vs {b.label}: {what}", ""]
+        common = [p for p in a.names if p in b.names and kld(a.get(p, "bf16")) and kld(b.get(p, "bf16"))]
+        only = sorted(set(a.names) ^ set(b.names))
+        if only:
+            lines += [f"Positions in one model only: {', '.join(f'`{p}`' for p in only)}.", ""]
+        if not common:
+            lines += ["No position has an all-layers bf16 point in both models.", ""]
+            continue
+        ratios = {p: kld(a.get(p, "bf16")) / kld(b.get(p, "bf16")) for p in common}
+        lo, hi = min(ratios, key=ratios.get), max(ratios, key=ratios.get)
+        rho = spearman([kld(a.get(p, "bf16")) for p in common], [kld(b.get(p, "bf16")) for p in common])
+        pairs = [(p, il) for p in a.layered if p in b.layered for il in range(min(a.n_layer, b.n_layer))
+                 if a.get(p, "bf16", il) and b.get(p, "bf16", il)]
+        rho_sites = spearman([kld(a.get(p, "bf16", il)) for p, il in pairs],
+                             [kld(b.get(p, "bf16", il)) for p, il in pairs])
+        top_a = max(a.singles("bf16"), key=lambda r: r["kld_ci"][0], default=None)
+        top_b = max(b.singles("bf16"), key=lambda r: r["kld_ci"][0], default=None)
+        lines += [f"- All-layers bf16 KLD, {a.label} / {b.label}, over {len(common)} common positions: median "
+                  f"{num(float(np.median(list(ratios.values()))))}, from {num(ratios[lo])} (`{lo}`) to "
+                  f"{num(ratios[hi])} (`{hi}`).",
+                  f"- Rank agreement (Spearman ρ) of the positions' all-layers bf16 KLDs: {num(rho, '.2f')}; of the "
+                  f"single (position, layer) bf16 KLDs both measured ({len(pairs)}): {num(rho_sites, '.2f')}.",
+                  f"- Most harmful position at every layer (bf16): {a.label} `{ranked(a)[0]}`, {b.label} "
+                  f"`{ranked(b)[0]}`; most harmful single site: "
+                  + "; ".join(f"{v.label} `{r['point']['position']}` layer {r['point']['layer']} ({num(kld(r))})"
+                              for v, r in ((a, top_a), (b, top_b)) if r) + ".",
+                  f"- Logits-bf16 reference: {a.label} {ci_text(a.reference())}, {b.label} {ci_text(b.reference())}.",
+                  ""]
+        lines += table(["position", f"{a.label} bf16 all layers", f"{b.label} bf16 all layers", "ratio"],
+                       [[f"`{p}`", ci_text(a.get(p, "bf16")), ci_text(b.get(p, "bf16")), num(ratios[p])]
+                        for p in sorted(common, key=lambda p: -ratios[p])])
+    return lines
+
+
+def render_atlas(atlas_path: Path, out_dir: Path) -> Path:
+    """Write `atlas.md` and its PNGs (`atlas/…`) into `out_dir`; return atlas.md's path."""
+    data = load_atlas(Path(atlas_path))
+    out_dir = Path(out_dir)
+    (out_dir / "atlas").mkdir(parents=True, exist_ok=True)
+    try:
+        views = [View(m, data["provenance"]["rule"]["reference"]) for m in data["models"]]
+        limits = shared_limits(views)
+        lines = section_intro(data)
+        for v in views:
+            plots: dict[str, str | None] = {}
+            for fmt in ("bf16", "f16"):
+                name = image_name(v.label, f"heatmap_{fmt}")
+                (out_dir / name).unlink(missing_ok=True)
+                plots[name] = (plot_heatmap(v, fmt, limits, out_dir / name) if limits
+                               else "no positive single-layer KLD to scale the colours by")
+            name = image_name(v.label, "ranking")
+            (out_dir / name).unlink(missing_ok=True)
+            plots[name] = plot_ranking(v, out_dir / name)
+            lines += section_model(v, plots)
+        lines += section_between(views)
+    except (KeyError, TypeError, IndexError) as exc:
+        raise HarnessError(f"atlas file {atlas_path} is malformed ({type(exc).__name__}: {exc})") from exc
+    lines += ["---", "", f"Data: `{Path(atlas_path).resolve()}`", ""]
+    path = out_dir / "atlas.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
