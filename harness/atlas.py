@@ -61,6 +61,7 @@ from harness.cache import HarnessError, cache_root, progress, publish
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize, token_stats
+from harness.reference import parse_layers as reference_layers
 from harness.runner import ModelSession, code_version
 
 MAX_CHUNKS = 4
@@ -261,18 +262,16 @@ def run_points(points: Sequence[Point], store: PointStore, measure: Callable[[Po
 
 
 def parse_layers(spec: str | None, n_layer: int) -> list[int]:
-    """A layer spec ("-1" or None: all; "N", "A-B", "A,B", mixtures) as sorted layers; a clear
-    error naming the spec and the model's layers."""
-    if spec in (None, "-1"):
-        return list(range(n_layer))
-    items = [re.fullmatch(r"(\d+)(?:-(\d+))?", item) for item in spec.split(",")]
-    if not all(items):
+    """A layer spec ("-1" or None: all; "N", "A-B", "A,B", mixtures) as sorted layers, expanded by
+    the reference's parser; a clear error naming the spec and the model's layers."""
+    spec = "-1" if spec is None else spec
+    if spec != "-1" and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec):
         raise HarnessError(f"malformed layer spec {spec!r} (allowed: -1, N, A-B, A,B or a mixture)")
-    spans = [(int(m[1]), int(m[2] or m[1])) for m in items]
-    layers = {il for a, b in spans for il in range(a, b + 1)}
-    if any(a > b for a, b in spans) or max(b for _, b in spans) >= n_layer:
-        raise HarnessError(f"layer spec {spec!r} selects layers outside 0-{n_layer - 1} (the model has {n_layer})")
-    return sorted(layers)
+    try:
+        chosen = reference_layers(spec, n_layer)
+    except ValueError:
+        raise HarnessError(f"layer spec {spec!r} selects layers outside 0-{n_layer - 1} (the model has {n_layer})") from None
+    return list(range(n_layer)) if chosen is None else sorted(chosen)
 
 
 def layer_spec(layers: Iterable[int]) -> str:
