@@ -3,6 +3,7 @@ value is a clear error with a nonzero exit, and verbose output names what was fa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -32,8 +33,13 @@ def q4_1(build):
 
 
 def fake_quantized(stderr: str) -> set[str]:
-    """The tensors the graph pass fake-quantized, from libllama's -v log (one line per site per graph)."""
-    return {line.split("'")[1] for line in stderr.splitlines() if "llama_fake_quant_rewrite: fake-quantizing" in line}
+    """The tensors the graph pass fake-quantized, from libllama's -v log (one line per graph:
+    "fake-quantizing 3 tensors: 'ffn_norm-3' bf16, ...")."""
+    lines = [line for line in stderr.splitlines() if "llama_fake_quant_rewrite: fake-quantizing" in line]
+    names = [re.findall(r"'([^']+)'", line) for line in lines]
+    for line, found in zip(lines, names):
+        assert len(found) == int(line.split("fake-quantizing ")[1].split()[0]), line
+    return {name for found in names for name in found}
 
 
 def sites_in_graph(stderr: str) -> int:
@@ -128,6 +134,7 @@ def test_generic_tensor_flag_takes_effect(build, q4_1):
     result = greedy("--fake-quant-tensor", "attn_norm:f16:0-3:0.5", "--fake-quant-tensor", "l_out:bf16")
     assert sites_in_graph(result.stderr) == 4 + 30
     assert result.stdout != base.stdout
+    assert "specified multiple times" not in result.stderr  # every rule applies: no "only last value" warning
 
 
 def test_fake_quant_list_prints_the_targets(build, q4_1):
@@ -155,7 +162,7 @@ def test_harness_build_prints_the_bin_directory_last(build):
 
 @pytest.mark.parametrize(("name", "message"), [
     ("/nonexistent/model.gguf", "model file not found: /nonexistent/model.gguf"),
-    ("tinyllama", "unknown model 'tinyllama' (allowed: smollm2-q4_1, gemma3-270m, smollm2-f32, smollm2-f16"),
+    ("tinyllama", "unknown model 'tinyllama' (allowed: smollm2-q4_1, gemma3-q4_k_m, smollm2-f32, smollm2-f16, gemma3-f32"),
     (__file__.replace(".py", ".gguf"), "model file not found"),
 ])
 def test_harness_model_errors(build, name, message):
