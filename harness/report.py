@@ -403,9 +403,10 @@ def section_provenance(res: Results) -> list[str]:
         f"workers overlap), {share} of it inside llama.cpp compute ({duration(compute)})",
         "",
     ]
-    lines += table(["model", "path", "sha256", "n_layer", "n_embd", "n_vocab"],
+    lines += table(["model", "path", "sha256", "n_layer", "n_embd", "n_vocab", "architecture", "weight type"],
                    [[name, f"`{info.get('path', '–')}`", f"`{str(info.get('sha256', '–'))[:12]}`",
-                     str(info.get("n_layer", "–")), str(info.get("n_embd", "–")), str(info.get("n_vocab", "–"))]
+                     str(info.get("n_layer", "–")), str(info.get("n_embd", "–")), str(info.get("n_vocab", "–")),
+                     str(info.get("arch", "–")), res.weight_type(name)]
                     for name, info in res.models.items()])
     return lines
 
@@ -502,18 +503,6 @@ def hypothesis_sentence(res: Results, hid: str, records: list[dict]) -> str:
     else:
         parts = ", ".join(f"{r['verdict']} on {r['model']}" for r in records)
         text = f"**{hid}** ({statement}) differs between models: {parts} ({figures})."
-        q4 = [r for r in records if res.is_quantized(r["model"])]
-        rest = [r for r in records if res.is_f32(r["model"])]
-        if q4 and rest:
-            q4_names = ", ".join(f"{r['model']} ({res.weight_type(r['model'])})" for r in q4)
-            rest_names = ", ".join(r["model"] for r in rest)
-            if all(r["verdict"] == "holds" for r in rest) and not any(r["verdict"] == "holds" for r in q4):
-                text += (f" This points to a masking effect: the matmuls of the quantized model ({q4_names}) "
-                         f"quantize activations to 8 bits, an error of their own that hides part of the rounding's, "
-                         f"while {rest_names} measures the rounding alone.")
-            else:
-                text += (f" The quantized model ({q4_names}) quantizes activations to 8 bits in its matmuls, which "
-                         f"interacts with the rounding; {rest_names} measures the rounding alone.")
     notes = []
     for r in records:
         if r.get("recorded") is None:
@@ -535,23 +524,105 @@ def section_hypotheses(res: Results) -> list[str]:
     lines += [f"Verdicts at family-wise level {level:g} per model (Holm's correction over the model's "
               f"{sum(len(v['comparisons']) for v in res.verdicts if v['model'] == res.verdicts[0]['model'])} "
               "comparisons); *recorded* is the verdict recorded with the snapshots, which the tests check.", ""]
-    rows = [[v["hypothesis"], v["model"], cell(v["statement"]), f"**{v['verdict']}**",
-             v.get("recorded") or "none recorded",
+    by_id: dict[str, dict[str, dict]] = {}
+    for v in res.verdicts:
+        by_id.setdefault(v["hypothesis"], {})[v["model"]] = v
+    models = list(dict.fromkeys(v["model"] for v in res.verdicts))
+    rows = [[hid, cell(next(iter(per_model.values()))["statement"])]
+            + [verdict_cell(per_model[m]) if m in per_model else "–" for m in models]
+            for hid, per_model in by_id.items()]
+    lines += table(["id", "statement"] + [model_heading(res, m) for m in models], rows)
+    rows = [[v["hypothesis"], v["model"],
              "; ".join(f"{cell(comparison_text(c))} ({c['verdict']}, {c.get('unit', '')})" for c in v["comparisons"])]
             for v in res.verdicts]
-    lines += table(["id", "model", "statement", "verdict", "recorded",
-                    "comparisons: a mean vs b mean, difference [95 % CI], Holm-adjusted p"], rows)
+    lines += table(["id", "model", "comparisons: a mean vs b mean, difference [95 % CI], Holm-adjusted p"], rows)
     unrecorded = sorted({v["model"] for v in res.verdicts if v.get("recorded") is None})
     if unrecorded:
         lines += [f"No verdicts are recorded for {', '.join(unrecorded)}: review the verdicts above, then record "
                   f"them with `{record_command(res)}` (tests/snapshots/verdicts/MODEL.json; the tests then fail when "
                   "a verdict changes).", ""]
-    by_id: dict[str, list[dict]] = {}
-    for v in res.verdicts:
-        by_id.setdefault(v["hypothesis"], []).append(v)
-    for hid, records in by_id.items():
-        lines += [hypothesis_sentence(res, hid, records), ""]
+    for hid, per_model in by_id.items():
+        lines += [hypothesis_sentence(res, hid, list(per_model.values())), ""]
     return lines
+
+
+def model_heading(res: Results, model: str) -> str:
+    """A model with what its GGUF says about it (architecture, general.file_type), not what its name says."""
+    return f"{model} ({res.models.get(model, {}).get('arch', 'unknown')}, {res.weight_type(model)})"
+
+
+def verdict_cell(v: dict) -> str:
+    """The measured verdict, and how it stands against the recorded one."""
+    recorded = v.get("recorded")
+    note = ("none recorded" if recorded is None else "as recorded" if recorded == v["verdict"]
+            else f"recorded {recorded}")
+    return f"**{v['verdict']}** ({note})"
+
+
+def across_sentence(res: Results, a: dict) -> str:
+    """One hypothesis's recorded verdicts across models: the same everywhere, or what they depend on."""
+    verdicts, formats = a["verdicts"], a["formats"]
+
+    def who(m: str, what: str) -> str:
+        return f"{m} ({what}) {verdicts[m]}"
+
+    head = f"**{a['hypothesis']}** ({a['statement']})"
+    n_format, n_arch = a["compared"]["weight format"], a["compared"]["architecture"]
+    compared = f"{n_format} weight-format and {n_arch} architecture pairs"
+    if a["finding"] == "too few":
+        text = f"{head}: fewer than two models have a recorded verdict; nothing to compare."
+    elif a["finding"] == "same":
+        v = next(iter(verdicts.values()))
+        where = "both models" if len(verdicts) == 2 else f"all {len(verdicts)} models"
+        if n_format and n_arch:
+            claim = "it depends neither on the weight format nor on the architecture."
+        elif n_format or n_arch:
+            tested, untested = ("weight format", "architecture") if n_format else ("architecture", "weight format")
+            claim = f"it does not depend on the {tested}; no two of them differ in {untested} alone."
+        else:
+            claim = "no two of them differ in one respect only."
+        text = (f"{head} {VERDICT_VERB.get(v, v)} on {where} with a recorded verdict ({', '.join(verdicts)}; "
+                f"{compared} compared): {claim}")
+    elif a["finding"] == "confounded":
+        text = (f"{head} differs between models ({', '.join(f'{m} {v}' for m, v in verdicts.items())}), but never "
+                f"between two that differ in one respect only ({compared} compared): what it depends on is open.")
+    else:
+        parts = []
+        if a["differs"]["weight format"]:
+            parts.append("on the weight format (" + "; ".join(
+                f"{res.models[x]['arch']}: {who(x, res.weight_type(x))} vs {who(y, res.weight_type(y))}"
+                for x, y in a["differs"]["weight format"]) + ")")
+        if a["differs"]["architecture"]:
+            parts.append("on the architecture (" + "; ".join(
+                f"{formats[x]} weights: {who(x, res.models[x]['arch'])} vs {who(y, res.models[y]['arch'])}"
+                for x, y in a["differs"]["architecture"]) + ")")
+        text = f"{head} depends " + " and ".join(parts) + "."
+        masked = [(q, f) for x, y in a["differs"]["weight format"]
+                  for q, f in ((x, y), (y, x)) if formats[q] == "quantized" and res.is_f32(f)
+                  and verdicts[f] == "holds" and verdicts[q] != "holds"]
+        if masked:
+            text += (" It holds with F32 weights but not with quantized ones ("
+                     + ", ".join(f"{q} vs {f}" for q, f in masked) + "): this points to masking, the quantized "
+                     "model's matmuls quantize activations to 8 bits, an error of their own that hides part of the "
+                     "rounding's, while F32 weights measure the rounding alone.")
+    if a["unrecorded"]:
+        text += f" Not recorded, left out: {', '.join(a['unrecorded'])} (record with `{record_command(res)}`)."
+    return text
+
+
+def section_across(res: Results) -> list[str]:
+    lines = ["## Verdicts across models", ""]
+    across = res.data.get("across_models") or []
+    if not across:
+        return lines + ["The results hold no comparison of verdicts across models (`across_models`).", ""]
+    lines += ["From the verdicts recorded with the snapshots (tests/snapshots/verdicts/MODEL.json) and each model's "
+              "GGUF metadata (architecture, general.file_type). A verdict **depends on the weight format** when it "
+              "differs between two models of one architecture with different weight formats, and **on the "
+              "architecture** when it differs between two architectures with the same weight format; every "
+              "quantized type (" + ", ".join(sorted({res.weight_type(m) for m in res.model_names
+                                                     if res.is_quantized(m)})) + ") counts as one format, "
+              "*quantized*: their matmuls all quantize activations to 8 bits.", ""]
+    return lines + [line for a in across for line in (across_sentence(res, a), "")]
 
 
 def section_tasks(res: Results) -> list[str]:
@@ -693,6 +764,7 @@ def render(results_path: Path, out_dir: Path) -> Path:
             ("how to read", lambda: section_how_to_read(res)),
             ("experiment matrix", lambda: section_matrix(res)),
             ("hypotheses", lambda: section_hypotheses(res)),
+            ("verdicts across models", lambda: section_across(res)),
             ("task sensitivity", lambda: section_tasks(res)),
             ("layer sensitivity", lambda: section_layers(res, skipped["layer_sensitivity.png"])),
             ("error accumulation", lambda: figure_lines(

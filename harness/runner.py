@@ -26,7 +26,7 @@ from harness.corpus import (GENERATION_PROMPTS, SEEDED_PROMPT, Corpus, arithmeti
                             text_tasks)
 from harness.driver import Context, Model
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
-from harness.models import GGUFInfo, ModelFile, check_gguf, get_model
+from harness.models import GGUFInfo, ModelFile, get_model, model_info
 from harness.numerics import layer_numerics
 from harness.reference import Capture
 
@@ -93,7 +93,7 @@ class ModelSession:
         self.name = name
         self.build = build
         self.file: ModelFile = get_model(name, build)
-        self.info: GGUFInfo = check_gguf(self.file.path)
+        self.info: GGUFInfo = model_info(self.file)
         self.model = Model(self.file.path, build)
         expected = matrix.MODELS.get(name)
         if expected is not None and expected != self.model.n_layer:

@@ -1,4 +1,5 @@
-"""Hypotheses → verdicts, the recorded verdicts they are checked against, and the results file
+"""Hypotheses → verdicts, the recorded verdicts they are checked against, what the recorded verdicts
+depend on across models (weight format, architecture: from GGUF metadata), and the results file
 that carries every group's metrics to the report.
 
 A comparison "group a hurts more than group b" is the paired circular-block-bootstrap interval
@@ -14,7 +15,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +105,49 @@ def record_verdict(label: str, verdict: dict, build_key: str) -> None:
         tmp.replace(path)
 
 
+# across models -------------------------------------------------------------------------------
+
+QUANTIZED = ("Q", "IQ", "TQ")  # weight-type prefixes whose CPU matmul quantizes activations to 8 bits
+
+
+def weight_format(weight_type: str) -> str:
+    """The format a cross-model comparison sees: every quantized type (Q4_1, Q4_K_M, ...) is one,
+    "quantized", since their matmuls all quantize activations to 8 bits; F32, F16 ... stay themselves."""
+    return "quantized" if weight_type.startswith(QUANTIZED) else weight_type
+
+
+def across_models(models: Mapping[str, Mapping[str, str]], recorded: Mapping[str, Mapping[str, str]]) -> list[dict]:
+    """Per hypothesis, whether its recorded verdict is the same on every model, or changes with the
+    weight format (two models of one architecture, different formats) or with the architecture (two
+    architectures, one format). `models`: name -> its GGUF metadata ("arch", "weight_type"), never its
+    name; `recorded`: name -> hypothesis id -> recorded verdict. A model without a record for a
+    hypothesis is left out of it and listed as unrecorded."""
+    out = []
+    for h in matrix.HYPOTHESES:
+        have = {m: recorded[m][h.id] for m in models if h.id in recorded.get(m, {})}
+        fmt = {m: weight_format(models[m]["weight_type"]) for m in have}
+        differs: dict[str, list[list[str]]] = {"weight format": [], "architecture": []}
+        compared = dict.fromkeys(differs, 0)
+        for a, b in combinations(have, 2):
+            same_arch = models[a]["arch"] == models[b]["arch"]
+            if same_arch == (fmt[a] == fmt[b]):
+                continue  # nothing differs, or both do: such a pair cannot say which one matters
+            what = "weight format" if same_arch else "architecture"
+            compared[what] += 1
+            if have[a] != have[b]:
+                differs[what].append([a, b])
+        if len(have) < 2:
+            finding = "too few"
+        elif len(set(have.values())) == 1:
+            finding = "same"
+        else:
+            finding = " and ".join(what for what, pairs in differs.items() if pairs) or "confounded"
+        out.append({"hypothesis": h.id, "statement": h.statement, "finding": finding, "verdicts": have,
+                    "formats": fmt, "differs": differs, "compared": compared,
+                    "unrecorded": [m for m in models if m not in have]})
+    return out
+
+
 # intervals of single groups -------------------------------------------------------------------
 
 def with_intervals(record: dict, arrays: dict[str, np.ndarray], seed: int = intervals.SEED) -> dict:
@@ -163,9 +208,10 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
     """Assemble every group of every model (from the runner's cache; `group_ids` limits it to
     those, e.g. one `-k first5` run) with the intervals, verdicts (and the recorded ones),
     sweep comparison and dose response their groups allow, into the results file the report reads."""
-    groups, verdicts, models, dose, sweeps = [], [], {}, {}, {}
+    groups, verdicts, models, dose, sweeps, recorded = [], [], {}, {}, {}, {}
     for name, session in sessions.items():
         label = matrix.model_label(name)
+        recorded[name] = {h: r["verdict"] for h, r in recorded_verdicts(label).items()}
         models[name] = {"label": label, "path": str(session.file.path), "sha256": session.file.sha256,
                         "arch": session.info.arch, "weight_type": session.info.weight_type,
                         "n_layer": session.model.n_layer, "n_embd": session.model.n_embd,
@@ -173,9 +219,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
         chosen = [g for g in session.groups if group_ids is None or g in group_ids]
         groups += [with_intervals(*session.run(group_id)) for group_id in chosen]
         if all(g in chosen for h in matrix.HYPOTHESES for pair in h.comparisons for g in pair):
-            recorded = recorded_verdicts(label)
-            verdicts += [dict(v, recorded=(recorded.get(v["hypothesis"]) or {}).get("verdict"))
-                         for v in family(name, session.run)]
+            verdicts += [dict(v, recorded=recorded[name].get(v["hypothesis"])) for v in family(name, session.run)]
         if all(g in chosen for g in ("all", *map(matrix.scale_id, matrix.SCALES))):
             dose[name] = dose_response(session.run)
         layers = [f"layer{il:02d}" for il in range(session.model.n_layer)]
@@ -196,7 +240,8 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
                            "record_command": RECORD_COMMAND},
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
-        "models": models, "groups": groups, "verdicts": verdicts, "dose_response": dose, "sweep_top": sweeps,
+        "models": models, "groups": groups, "verdicts": verdicts, "across_models": across_models(models, recorded),
+        "dose_response": dose, "sweep_top": sweeps,
     }
     path = path or results_path()
     path.parent.mkdir(parents=True, exist_ok=True)

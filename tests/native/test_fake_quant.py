@@ -89,7 +89,7 @@ def test_native_equals_reference_bitwise(pairs, model, fmt, selection):
 
 @pytest.mark.parametrize("fmt", ["bf16", "f16"])
 def test_native_equals_reference_gemma3(pairs, fmt):
-    pair = pairs("gemma3-270m")
+    pair = pairs("gemma3-q4_k_m")
     rules = [FakeQuantRule("ffn_norm", fmt), FakeQuantRule("result_output", fmt)]
     native = pair.native_logits(rules)
     reference, applied = pair.reference_logits(rules)
@@ -98,7 +98,7 @@ def test_native_equals_reference_gemma3(pairs, fmt):
     assert pair.native.fake_quant_sites == applied == pair.model.n_layer + 1
 
 
-@pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-270m"])
+@pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-q4_k_m"])
 def test_off_equals_baseline_and_live_changes_take_effect(pairs, model):
     pair = pairs(model)
     ctx = pair.native

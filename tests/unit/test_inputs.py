@@ -1,5 +1,6 @@
 """Inputs of a measurement without llama.cpp: GGUF files checked before loading (truncated or
-corrupt files named), corpus chunks and H5 prompts, and the results-cache key's module list."""
+corrupt files named; metadata parsed once per file), corpus chunks and H5 prompts, and the
+results-cache key's module list."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from harness import runner
 from harness.cache import HarnessError
 from harness.corpus import TASKS_PER_KIND, arithmetic_tasks, cut_chunks, load_corpus, text_tasks
 from harness.matrix import experiment_models, model_label
-from harness.models import check_gguf, get_model
+from harness import models
+from harness.models import ModelFile, check_gguf, get_model, model_info
 
 
 def tiny_gguf(path, file_type: int | None = LlamaFileType.MOSTLY_Q4_1, n_layer: int = 3):
@@ -34,6 +36,15 @@ def tiny_gguf(path, file_type: int | None = LlamaFileType.MOSTLY_Q4_1, n_layer: 
 def test_gguf_metadata(tmp_path, file_type, weight_type):
     info = check_gguf(tiny_gguf(tmp_path / "m.gguf", file_type))
     assert (info.arch, info.n_layer, info.weight_type) == ("llama", 3, weight_type)
+
+
+def test_model_info_is_read_once_per_file(tmp_path, monkeypatch):
+    """A model's GGUF metadata are parsed once (seconds for a 262k vocabulary), then read from the cache."""
+    monkeypatch.setenv("FQ_CACHE_DIR", str(tmp_path / "cache"))
+    file = ModelFile("m", tiny_gguf(tmp_path / "m.gguf", LlamaFileType.ALL_F32), "ab" * 32)
+    assert model_info(file) == check_gguf(file.path)
+    monkeypatch.setattr(models, "check_gguf", lambda path: pytest.fail("parsed twice"))
+    assert model_info(file).weight_type == "F32"
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.999])

@@ -16,8 +16,8 @@ from harness.report import render
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "results_small.json"
 SECTIONS = ["# ", "## Provenance", "## How to read this report", "## Experiment matrix", "## Hypotheses",
-            "## Task sensitivity", "## Layer sensitivity", "## Error accumulation", "## Activation distribution",
-            "## Group comparison", "## Dose response", "## Generation"]
+            "## Verdicts across models", "## Task sensitivity", "## Layer sensitivity", "## Error accumulation",
+            "## Activation distribution", "## Group comparison", "## Dose response", "## Generation"]
 PLOTS = ["layer_sensitivity.png", "error_accumulation.png", "ffn_norm_hist.png", "groups.png", "dose_response.png"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -184,6 +184,7 @@ def test_provenance_and_tables_quote_the_file(rendered: Path, data: dict) -> Non
     assert str(m["main_chunks"] * (m["n_ctx"] - 1 - m["scored_from"])) in prov
     for name, info in data["models"].items():
         assert f"| {name} | `{info['path']}` | `{info['sha256'][:12]}` | {info['n_layer']} |" in prov
+        assert f"| {info['n_vocab']} | {info['arch']} | {info['weight_type']} |" in prov
 
     tasks = section(text, "Task sensitivity")
     for g in data["groups"]:
@@ -209,12 +210,20 @@ def test_provenance_and_tables_quote_the_file(rendered: Path, data: dict) -> Non
 
 
 def test_verdict_table_shows_every_verdict(rendered: Path, data: dict) -> None:
+    """One row per hypothesis, one column per model (named with its GGUF's arch and weight type),
+    then the figures of every comparison, one row per hypothesis and model."""
     hyp = section((rendered / "index.md").read_text(), "Hypotheses")
     assert {v["verdict"] for v in data["verdicts"]} == {"holds", "refuted", "inconclusive"}
+    header = next(line for line in hyp.splitlines() if line.startswith("| id | statement |"))
+    models = list(dict.fromkeys(v["model"] for v in data["verdicts"]))
+    assert header == "| id | statement | " + " | ".join(
+        f"{m} ({data['models'][m]['arch']}, {data['models'][m]['weight_type']})" for m in models) + " |"
     for v in data["verdicts"]:
+        row = next(line for line in hyp.splitlines() if line.startswith(f"| {v['hypothesis']} | ") and "**" in line)
+        recorded = ("as recorded" if v["recorded"] == v["verdict"] else f"recorded {v['recorded']}"
+                    if v["recorded"] else "none recorded")
+        assert row.split(" | ")[2 + models.index(v["model"])].strip(" |") == f"**{v['verdict']}** ({recorded})"
         row = next(line for line in hyp.splitlines() if line.startswith(f"| {v['hypothesis']} | {v['model']} |"))
-        assert f"| **{v['verdict']}** |" in row
-        assert f"| {v['recorded'] or 'none recorded'} |" in row
         for c in v["comparisons"]:
             assert f"difference {g3(c['difference'])} \\[{g3(c['ci95'][0])}, {g3(c['ci95'][1])}\\]" in row
             assert f"Holm p {c['p_holm']:.2g}" in row
@@ -225,10 +234,9 @@ def test_hypothesis_sentences_follow_the_verdicts(rendered: Path) -> None:
     hyp = section((rendered / "index.md").read_text(), "Hypotheses")
     sentences = {m.group(1): m.group(0) for m in re.finditer(r"^\*\*(H\d)\*\*.*$", hyp, re.M)}
     assert set(sentences) == {"H1", "H2", "H3", "H4", "H5"}
-    # H1: inconclusive on the Q4_1 model, holds on F32 -> the masking of 8-bit activation quantization
-    assert "differs between models" in sentences["H1"] and "masking" in sentences["H1"]
+    assert "differs between models" in sentences["H1"]
     assert "inconclusive on smollm2-q4_1" in sentences["H1"] and "holds on smollm2-f32" in sentences["H1"]
-    assert "holds on both models" in sentences["H2"] and "masking" not in sentences["H2"]
+    assert "holds on both models" in sentences["H2"]
     assert "as recorded (holds)" in sentences["H2"]
     assert "smollm2-q4_1 recorded holds, measured inconclusive" in sentences["H1"]
     assert "refuted on smollm2-q4_1" in sentences["H5"]
@@ -242,7 +250,80 @@ def test_sentence_when_a_verdict_changes(tmp_path: Path, data: dict) -> None:
     hyp = section(render(write(tmp_path, changed), tmp_path / "out").read_text(), "Hypotheses")
     line = next(line for line in hyp.splitlines() if line.startswith("**H1**"))
     assert "is refuted on both models" in line
-    assert "| H1 | smollm2-q4_1 |" in hyp and "**refuted**" in hyp
+    assert "| H1 | smollm2-q4_1 |" in hyp and "**refuted** (recorded holds)" in hyp
+
+
+FOUR_MODELS = {"smollm2-q4_1": ("llama", "Q4_1"), "smollm2-f32": ("llama", "F32"),
+               "gemma3-q4_k_m": ("gemma3", "Q4_K_M"), "gemma3-f32": ("gemma3", "F32")}
+
+
+def four_models(data: dict, recorded: dict[str, dict[str, str]]) -> dict:
+    """The fixture with two more models and `across_models` as harness.verdicts computes it."""
+    from harness.verdicts import across_models
+
+    out = copy.deepcopy(data)
+    for name, (arch, weight_type) in FOUR_MODELS.items():
+        out["models"].setdefault(name, dict(out["models"]["smollm2-f32"], label=name))
+        out["models"][name].update(arch=arch, weight_type=weight_type)
+    out["across_models"] = across_models(out["models"], recorded)
+    return out
+
+
+def test_verdicts_across_models(tmp_path: Path, data: dict) -> None:
+    recorded = {  # H1 same, H2 weight format (masking), H3 architecture, H4 both, H5 undetermined
+        "smollm2-q4_1": {"H1": "holds", "H2": "inconclusive", "H3": "holds", "H4": "holds", "H5": "holds"},
+        "smollm2-f32": {"H1": "holds", "H2": "holds", "H3": "holds", "H4": "refuted"},
+        "gemma3-q4_k_m": {"H1": "holds", "H2": "inconclusive", "H3": "refuted", "H4": "refuted"},
+        "gemma3-f32": {"H1": "holds", "H2": "holds", "H3": "refuted", "H4": "refuted", "H5": "refuted"},
+    }
+    text = section(render(write(tmp_path, four_models(data, recorded)), tmp_path / "out").read_text(),
+                   "Verdicts across models")
+    sentences = {m.group(1): m.group(0) for m in re.finditer(r"^\*\*(H\d)\*\*.*$", text, re.M)}
+    assert "(Q4_1, Q4_K_M) counts as one format" in text
+    assert "holds on all 4 models with a recorded verdict" in sentences["H1"]
+    assert "2 weight-format and 2 architecture pairs compared" in sentences["H1"]
+    assert "depends neither on the weight format nor on the architecture" in sentences["H1"]
+    assert sentences["H2"].count("depends on the weight format (") == 1 and "architecture (" not in sentences["H2"]
+    assert "llama: smollm2-q4_1 (Q4_1) inconclusive vs smollm2-f32 (F32) holds" in sentences["H2"]
+    assert "gemma3: gemma3-q4_k_m (Q4_K_M) inconclusive vs gemma3-f32 (F32) holds" in sentences["H2"]
+    assert "masking" in sentences["H2"] and "masking" not in sentences["H3"]
+    assert "depends on the architecture (quantized weights: smollm2-q4_1 (llama) holds vs gemma3-q4_k_m " \
+           "(gemma3) refuted; F32 weights: smollm2-f32 (llama) holds vs gemma3-f32 (gemma3) refuted)" in sentences["H3"]
+    assert "depends on the weight format (" in sentences["H4"] and " and on the architecture (" in sentences["H4"]
+    assert "what it depends on is open" in sentences["H5"]
+    assert "Not recorded, left out: smollm2-f32, gemma3-q4_k_m" in sentences["H5"] and "Not recorded" not in \
+        sentences["H1"]
+
+
+def test_verdicts_across_models_follow_the_metadata(tmp_path: Path, data: dict) -> None:
+    """Names that promise a Q4 and an F32 of one architecture, metadata that say otherwise."""
+    recorded = {"smollm2-q4_1": {"H1": "holds"}, "smollm2-f32": {"H1": "refuted"}}
+    results = four_models(data, recorded)
+    results["models"]["smollm2-f32"]["arch"] = "gemma3"
+    results["models"]["smollm2-f32"]["weight_type"] = "Q8_0"
+    from harness.verdicts import across_models
+
+    results["across_models"] = across_models(results["models"], recorded)
+    text = section(render(write(tmp_path, results), tmp_path / "out").read_text(), "Verdicts across models")
+    line = next(line for line in text.splitlines() if line.startswith("**H1**"))
+    assert "depends on the architecture (quantized weights: smollm2-q4_1 (llama) holds vs smollm2-f32 (gemma3) " \
+           "refuted)" in line and "weight format (" not in line
+
+
+def test_same_verdict_claims_only_what_was_compared(tmp_path: Path, data: dict) -> None:
+    """Two recorded models of one architecture: the weight format is compared, the architecture is not."""
+    results = four_models(data, {"smollm2-q4_1": {"H1": "holds"}, "smollm2-f32": {"H1": "holds"}})
+    text = section(render(write(tmp_path, results), tmp_path / "out").read_text(), "Verdicts across models")
+    line = next(line for line in text.splitlines() if line.startswith("**H1**"))
+    assert "holds on both models with a recorded verdict (smollm2-q4_1, smollm2-f32; 1 weight-format and 0 " \
+           "architecture pairs compared): it does not depend on the weight format; no two of them differ in " \
+           "architecture alone." in line
+    assert "Not recorded, left out: gemma3-q4_k_m, gemma3-f32" in line
+
+
+def test_results_without_across_models(rendered: Path) -> None:
+    text = section((rendered / "index.md").read_text(), "Verdicts across models")
+    assert "The results hold no comparison of verdicts across models" in text
 
 
 def test_method_and_family_level_are_stated(rendered: Path, data: dict) -> None:

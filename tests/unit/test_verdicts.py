@@ -1,5 +1,5 @@
 """harness.verdicts on synthetic per-token data: one Holm family per model, the sweep's top layer
-against the runner-up, and the recorded verdicts' file."""
+against the runner-up, the recorded verdicts' file, and what recorded verdicts depend on across models."""
 
 from __future__ import annotations
 
@@ -91,3 +91,58 @@ def test_malformed_record_is_named(tmp_path, monkeypatch):
     (tmp_path / "m.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"m.json are malformed .* re-record with `?pytest tests/experiments"):
         verdicts.recorded_verdicts("m")
+
+
+# across models: names say nothing, the GGUF metadata (arch, weight type) decides ---------------
+
+FOUR = {"m1": {"arch": "llama", "weight_type": "Q4_1"}, "m2": {"arch": "llama", "weight_type": "F32"},
+        "m3": {"arch": "gemma3", "weight_type": "Q4_K_M"}, "m4": {"arch": "gemma3", "weight_type": "F32"}}
+
+
+def across(recorded: dict[str, dict[str, str]], models: dict = FOUR) -> dict[str, dict]:
+    return {a["hypothesis"]: a for a in verdicts.across_models(models, recorded)}
+
+
+def test_weight_format_groups_every_quantized_type():
+    assert [verdicts.weight_format(t) for t in ("Q4_1", "Q4_K_M", "IQ2_XS", "TQ1_0", "F32", "F16", "BF16")] == \
+        ["quantized"] * 4 + ["F32", "F16", "BF16"]
+
+
+def test_across_models_each_finding():
+    recorded = {  # per model: H1 same, H2 weight format, H3 architecture, H4 both, H5 on m1 only
+        "m1": {"H1": "holds", "H2": "holds", "H3": "holds", "H4": "holds", "H5": "refuted"},
+        "m2": {"H1": "holds", "H2": "refuted", "H3": "holds", "H4": "refuted"},
+        "m3": {"H1": "holds", "H2": "holds", "H3": "inconclusive", "H4": "refuted"},
+        "m4": {"H1": "holds", "H2": "refuted", "H3": "inconclusive", "H4": "refuted"},
+    }
+    got = across(recorded)
+    assert {h: a["finding"] for h, a in got.items()} == {
+        "H1": "same", "H2": "weight format", "H3": "architecture", "H4": "weight format and architecture",
+        "H5": "too few"}
+    assert got["H1"]["compared"] == {"weight format": 2, "architecture": 2}  # m1-m4 and m2-m3 differ in both
+    assert got["H2"]["differs"] == {"weight format": [["m1", "m2"], ["m3", "m4"]], "architecture": []}
+    assert got["H3"]["differs"] == {"weight format": [], "architecture": [["m1", "m3"], ["m2", "m4"]]}
+    assert got["H4"]["differs"] == {"weight format": [["m1", "m2"]], "architecture": [["m1", "m3"]]}
+    assert got["H5"]["verdicts"] == {"m1": "refuted"} and got["H5"]["unrecorded"] == ["m2", "m3", "m4"]
+    assert got["H2"]["formats"] == {"m1": "quantized", "m2": "F32", "m3": "quantized", "m4": "F32"}
+
+
+def test_across_models_confounded_and_partly_recorded():
+    """Two models that differ in both architecture and weight format cannot say which one matters."""
+    got = across({"m1": {"H1": "holds"}, "m4": {"H1": "refuted"}})["H1"]
+    assert got["finding"] == "confounded" and got["compared"] == {"weight format": 0, "architecture": 0}
+    assert got["unrecorded"] == ["m2", "m3"]
+    assert across({"m1": {"H1": "holds"}, "m2": {"H1": "refuted"}, "m3": {"H1": "holds"}})["H1"]["finding"] == \
+        "weight format"
+
+
+def test_across_models_reads_metadata_not_names():
+    """Names that say "same architecture, Q4_1 vs F32", metadata that say "another architecture, both
+    quantized": what differs is the architecture; with metadata that agree with the names, the format."""
+    named = {"smollm2-q4_1": {"arch": "llama", "weight_type": "Q4_1"},
+             "smollm2-f32": {"arch": "gemma3", "weight_type": "Q8_0"}}
+    recorded = {"smollm2-q4_1": {"H1": "holds"}, "smollm2-f32": {"H1": "refuted"}}
+    got = across(recorded, named)["H1"]
+    assert got["finding"] == "architecture" and got["differs"]["architecture"] == [["smollm2-q4_1", "smollm2-f32"]]
+    named["smollm2-f32"] = {"arch": "llama", "weight_type": "F32"}
+    assert across(recorded, named)["H1"]["finding"] == "weight format"
