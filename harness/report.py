@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import HarnessError
+from harness.verdicts import weight_format
 
 REQUIRED_KEYS = ("provenance", "models", "groups")
 REQUIRED_GROUP_KEYS = ("group", "model", "kind", "tokens")
@@ -149,7 +150,7 @@ class Results:
 
     def is_quantized(self, model: str) -> bool:
         """Quantized weights (Q4_1, Q8_0, K-quants...): the CPU matmul quantizes activations to 8 bits first."""
-        return self.weight_type(model).startswith(("Q", "IQ", "TQ"))
+        return weight_format(self.weight_type(model)) == "quantized"
 
     def is_f32(self, model: str) -> bool:
         return self.weight_type(model) in FULL_PRECISION
