@@ -1,0 +1,150 @@
+"""The portable implementation's "a device cannot compute this cast" error, run for real.
+
+No backend on the test machines lacks a cast, so `llama_fake_quant_rewrite`'s error for a fake-quant
+node the site's device does not support never runs through llama_context. Its device verdict is a
+parameter (`unsupported`), so unsupported_format.cpp calls the exported function of the cached
+libllama on a tiny ggml graph with a stub device ("StubGPU") and prints one JSON line per case;
+these tests check the message word for word, the sites and the rewiring of the graph's readers.
+
+What a refused rewrite leaves in the graph is not a contract: llama_context returns failure and
+discards that graph (native/README.md), so it is not tested here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from harness.build import PATCH, Build
+from harness.cache import fetch_pypi
+from harness.pins import LLAMA_CPP_DIR, LLAMA_CPP_PYTHON
+
+pytestmark = pytest.mark.native
+
+SOURCE = Path(__file__).with_name("unsupported_format.cpp")
+DEVICE = "StubGPU"
+CASES = ("q8_0_refused", "bf16_accepted", "f16_accepted", "q8_0_accepted", "q8_0_fused_not_asked",
+         "bf16_fused_not_asked", "bf16_refused", "bf16_blend_dequant_refused", "bf16_blend_sub_refused",
+         "q8_0_second_layer_refused")
+# the single-site graph: x = scale(inp) named ffn_norm-0, read twice by out-0 = add(x, x)
+REWIRED_READS = "ffn_norm-0.fq, ffn_norm-0.fq"
+
+
+def expected_error(fmt: str, name: str, op: str, src: str, dst: str) -> str:
+    """The message of llama-fake-quant.cpp's unsupported-node error; `op` as ggml_op_desc gives it."""
+    return (f"fake-quant format {fmt} of '{name}' needs {op} {src} -> {dst}, which {DEVICE} does not support "
+            "(use bf16 or f16, or keep that layer on the CPU)")
+
+
+def _headers(dest: Path) -> Path:
+    """Only the two headers the program includes: ggml.h from the pinned sdist and llama-fake-quant.h,
+    which the patch creates; the patch's hunks for both are applied (it has none for ggml.h today).
+    The rest of the 3,900-file tree is not extracted."""
+    sdist = fetch_pypi(LLAMA_CPP_PYTHON)  # cached (and verified) since the build was made
+    wanted = f"{LLAMA_CPP_DIR}/ggml/include/ggml.h"
+    with tarfile.open(sdist) as tar:
+        member = tar.getmember(wanted)
+        member.name = "ggml/include/ggml.h"
+        tar.extract(member, dest, filter="data")
+    # outside any repository (a basetemp inside one would make git apply the patch relative to its top)
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest.parent))
+    applied = subprocess.run(["git", "apply", "--include=ggml/include/ggml.h", "--include=src/llama-fake-quant.h",
+                              str(PATCH)], cwd=dest, capture_output=True, text=True, env=env, check=False)
+    header = dest / "src" / "llama-fake-quant.h"
+    if applied.returncode != 0 or not header.exists():
+        pytest.fail(f"could not take src/llama-fake-quant.h from {PATCH.name}: {applied.stderr.strip()}")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def program(build: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """unsupported_format.cpp compiled against the patched headers and linked to the cached build's
+    libllama (the build is reused, never rebuilt here)."""
+    gxx = shutil.which("g++")
+    if gxx is None:  # the llama.cpp build needs a C++ compiler anyway: a missing one is an error, not a skip
+        pytest.fail("g++ is not installed: it is needed to compile tests/native/unsupported_format.cpp "
+                    "(and llama.cpp itself): apt-get install -y g++")
+    root = _headers(tmp_path_factory.mktemp("unsupported_format"))
+    exe = root / "unsupported_format"
+    bin_dir = str(build.bin_dir)
+    cmd = [gxx, "-std=c++17", "-Wall", "-Wextra", "-I", str(root / "ggml" / "include"), "-I", str(root / "src"),
+           str(SOURCE), "-o", str(exe), "-L", bin_dir, "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{bin_dir}"]
+    compiled = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if compiled.returncode != 0:
+        pytest.fail(f"compiling {SOURCE.name} failed:\n{compiled.stderr[-4000:]}")
+    return exe
+
+
+@pytest.fixture(scope="module")
+def ran(program: Path) -> subprocess.CompletedProcess:
+    """The program's run; its exit status is checked by a test, not here."""
+    return subprocess.run([str(program)], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          check=False)
+
+
+@pytest.fixture(scope="module")
+def cases(ran: subprocess.CompletedProcess) -> dict[str, dict]:
+    """case name -> what the program observed (one JSON line each)."""
+    return {c["case"]: c for c in map(json.loads, ran.stdout.splitlines())}
+
+
+def test_program_exits_normally(ran: subprocess.CompletedProcess, cases: dict[str, dict]) -> None:
+    """An error is a returned message: no abort, no crash, and every case ran to its line."""
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert tuple(cases) == CASES
+
+
+@pytest.mark.parametrize("case, fmt, name, op, src, dst", [
+    ("q8_0_refused", "q8_0", "ffn_norm-0", "CPY", "f32", "q8_0"),  # (a) the cast to q8_0
+    ("bf16_refused", "bf16", "ffn_norm-0", "CPY", "f32", "bf16"),  # (e) the cast to bf16
+    ("bf16_blend_dequant_refused", "bf16", "ffn_norm-0", "CPY", "bf16", "f32"),  # scale < 1: the cast back
+    ("bf16_blend_sub_refused", "bf16", "ffn_norm-0", "SUB", "f32", "f32"),  # scale < 1: the blend's sub
+    ("q8_0_second_layer_refused", "q8_0", "ffn_norm-1", "CPY", "f32", "q8_0"),  # only layer 1's device
+])
+def test_unsupported_node_is_the_error(cases: dict[str, dict], case: str, fmt: str, name: str, op: str, src: str,
+                                       dst: str) -> None:
+    """The message names the format, the tensor, the first refused node's op and types, and the device."""
+    c = cases[case]
+    assert c["error"] == expected_error(fmt, name, op, src, dst)
+    il = int(name.rsplit("-", 1)[1])
+    # the stub saw that node (ggml_op_desc, src[0] type -> type, the site's layer), and was asked nothing after it
+    assert c["refused"] == [f"{op} {src} -> {dst} il={il}"]
+    assert c["asked"][-1] == c["refused"][0]
+
+
+@pytest.mark.parametrize("case, fmt", [("bf16_accepted", "bf16"), ("f16_accepted", "f16"),
+                                       ("q8_0_accepted", "q8_0")])
+def test_supported_casts_are_built(cases: dict[str, dict], case: str, fmt: str) -> None:
+    """(b) the q8_0-refusing device has the bf16 and f16 casts; (c) a device with every cast takes q8_0:
+    one site, both casts asked about at layer 0, the reader rewired to y, y placed right after x."""
+    c = cases[case]
+    assert c["error"] == ""
+    assert c["sites"] == [[0, 0]]
+    assert c["asked"] == [f"CPY f32 -> {fmt} il=0", f"CPY {fmt} -> f32 il=0"]
+    assert c["refused"] == []
+    assert c["rewired"] == [True]
+    assert c["reads"] == [REWIRED_READS]
+    assert c["order"] == ["ffn_norm-0 SCALE", "ffn_norm-0.fq.q CPY", "ffn_norm-0.fq CPY", "out-0 ADD"]
+
+
+@pytest.mark.parametrize("case, nodes", [
+    ("q8_0_fused_not_asked", ["ffn_norm-0.fq.q CPY", "ffn_norm-0.fq CPY"]),  # no fused q8_0 node: the casts
+    ("bf16_fused_not_asked", ["ffn_norm-0.fq MAP_CUSTOM1"]),  # the one fused node
+])
+def test_fused_impl_does_not_ask(cases: dict[str, dict], case: str, nodes: list[str]) -> None:
+    """(d) LLAMA_FAKE_QUANT_IMPL_CPU_FUSED never consults `unsupported` (only the portable branch does):
+    llama_context picks it when every backend is a CPU, which has every cast. Even the q8_0 casts it
+    builds (there is no fused q8_0 node) are not checked, so a refusing device changes nothing."""
+    c = cases[case]
+    assert c["asked"] == []
+    assert c["error"] == ""
+    assert c["sites"] == [[0, 0]]
+    assert c["rewired"] == [True]
+    assert c["reads"] == [REWIRED_READS]
+    assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]
