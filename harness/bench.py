@@ -14,6 +14,11 @@ tensor: its worst case. Generation is greedy from a short prompt (its decode is 
 Memory: each configuration runs once more in a fresh interpreter, which reports libllama's
 compute-buffer size (from its log; setting rules re-reserves with a new scheduler, so the size
 is the fake-quantized graph's own) and its peak RSS after one prompt batch.
+
+Backend: `--backend vulkan` (or cuda) runs the same with that build and every layer offloaded, so
+the fake-quant nodes are the portable casts on the device; the compute buffer is the device's.
+libllama is bound once per process, so the whole run, memory children included, uses that build.
+On Mesa's lavapipe (a CPU Vulkan driver) the device is hidden unless GGML_VK_VISIBLE_DEVICES=0.
 """
 
 from __future__ import annotations
@@ -53,7 +58,10 @@ CONFIGS: dict[str, tuple[tuple[FakeQuantRule, ...], bool]] = {
 }
 NATIVE_ON = ("ffn_norm", "ffn_norm+logits")
 PHASES = ("pp", "tg")
-_BUFFER_LINE = re.compile(r"CPU compute buffer size =\s*([0-9.]+) MiB")
+_BUFFER_LINE = re.compile(r"(\S+) compute buffer size =\s*([0-9.]+) MiB")
+# the buffer type that holds each backend's compute buffer with every layer offloaded
+DEVICE_BUFFER = {"cpu": "CPU", "vulkan": "Vulkan0", "cuda": "CUDA0"}
+ALL_LAYERS = 999  # n_gpu_layers that offloads every layer and the output
 
 
 def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, float]:
@@ -65,12 +73,16 @@ def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, fl
     return {"median": median, "min": min(ratios), "max": max(ratios), "overhead_pct": (median - 1) * 100}
 
 
-def compute_buffer_mib() -> float:
-    """The compute-buffer size libllama logged last (at context creation or re-reserve)."""
+def compute_buffer_mib(backend: str = "cpu") -> float:
+    """The size of `backend`'s compute buffer that libllama logged last (at context creation or
+    re-reserve); a clear error when that buffer never appeared (nothing was offloaded)."""
+    buffer = DEVICE_BUFFER[backend]
     for line in reversed(driver._log_lines):
-        if m := _BUFFER_LINE.search(line):
-            return float(m[1])
-    raise HarnessError("libllama logged no 'CPU compute buffer size' line")
+        if (m := _BUFFER_LINE.search(line)) and m[1] == buffer:
+            return float(m[2])
+    hint = " (on lavapipe set GGML_VK_VISIBLE_DEVICES=0)" if backend == "vulkan" else ""
+    raise HarnessError(f"libllama logged no '{buffer} compute buffer size' line: no {backend} device took the "
+                       f"layers{hint}")
 
 
 def make_context(model: Model, config: str, n_ctx: int, threads: int) -> tuple[Context, ReferenceFakeQuant | None]:
@@ -85,9 +97,10 @@ def make_context(model: Model, config: str, n_ctx: int, threads: int) -> tuple[C
 def _child() -> None:
     """Run in a fresh interpreter: one configuration, one prompt batch, then report memory."""
     spec = json.load(sys.stdin)
-    model = Model(Path(spec["model"]), build())
+    backend = spec["backend"]
+    model = Model(Path(spec["model"]), build(backend), n_gpu_layers=offloaded_layers(backend))
     ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
-    mib = compute_buffer_mib()
+    mib = compute_buffer_mib(backend)
     ctx.logits(spec["tokens"], copy=False)
     # VmHWM, not getrusage's ru_maxrss: Linux carries the spawning parent's peak into ru_maxrss
     # across a vfork+exec (Python's subprocess), so every child would report the parent's peak
@@ -95,8 +108,14 @@ def _child() -> None:
     print(json.dumps({"compute_buffer_mib": mib, "max_rss_kib": int(hwm.split()[1])}))
 
 
-def _memory(model_path: Path, config: str, n_ctx: int, threads: int, tokens: list[int]) -> dict[str, float]:
-    spec = {"model": str(model_path), "config": config, "n_ctx": n_ctx, "threads": threads, "tokens": tokens}
+def offloaded_layers(backend: str) -> int:
+    return 0 if backend == "cpu" else ALL_LAYERS
+
+
+def _memory(model_path: Path, backend: str, config: str, n_ctx: int, threads: int,
+            tokens: list[int]) -> dict[str, float]:
+    spec = {"model": str(model_path), "backend": backend, "config": config, "n_ctx": n_ctx, "threads": threads,
+            "tokens": tokens}
     root = str(Path(__file__).resolve().parent.parent)  # the child imports this same harness
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
@@ -122,9 +141,10 @@ def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_toke
     return {"wall_s": wall, "compute_s": ctx.compute_seconds - compute0, "tokens": n}
 
 
-def _bench_model(name: str, b: Build, pp_tokens: int, tg_tokens: int, repetitions: int, threads: int) -> dict:
-    file = get_model(name, b)
-    model = Model(file.path, b)
+def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: int, repetitions: int,
+                 threads: int) -> dict:
+    file = get_model(name, build())  # derived models are made by the CPU build's llama-quantize (a subprocess)
+    model = Model(file.path, b, n_gpu_layers=offloaded_layers(backend))
     text = load_corpus().text
     pp = model.tokenize(text[: pp_tokens * 20])[:pp_tokens]
     if len(pp) < pp_tokens:
@@ -148,7 +168,7 @@ def _bench_model(name: str, b: Build, pp_tokens: int, tg_tokens: int, repetition
             ctx.close()
         model.close()
 
-    memory = {cfg: _memory(file.path, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
+    memory = {cfg: _memory(file.path, backend, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
     configs = {}
     for cfg, (rules, reference) in CONFIGS.items():
         entry: dict = {"rules": [asdict(r) for r in rules], "reference": reference, "applied": applied[cfg]}
@@ -173,20 +193,21 @@ def _bench_model(name: str, b: Build, pp_tokens: int, tg_tokens: int, repetition
             "configs": configs}
 
 
-def _machine(threads: int, b: Build) -> dict:
+def _machine(threads: int, b: Build, backend: str) -> dict:
     return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "threads": threads, "platform": platform.platform(),
-            "python": platform.python_version(), "build_key": b.fingerprint["key"],
+            "python": platform.python_version(), "build_key": b.fingerprint["key"], "backend": backend,
+            "n_gpu_layers": offloaded_layers(backend),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": os.getloadavg()}
 
 
-def _build_times(b: Build) -> dict[str, float | None]:
+def _build_times(b: Build, backend: str) -> dict[str, float | None]:
     """Cold: what the cached build recorded when it compiled; warm: a cached build() call now."""
     info = json.loads((b.bin_dir.parent / "build-info.json").read_text())
     warm = []
     for _ in range(3):
         started = time.perf_counter()
-        build()
+        build(backend)
         warm.append(time.perf_counter() - started)
     cold = info.get("build_seconds")
     return {"cold_s": float(cold) if cold is not None else None, "warm_s": statistics.median(warm)}
@@ -208,7 +229,8 @@ def _suite() -> dict | None:
 
 def _summary(result: dict) -> str:
     m = result["machine"]
-    lines = [f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['threads']} threads), build {m['build_key']}; "
+    lines = [f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['threads']} threads), build {m['build_key']} "
+             f"({m['backend']}, {m['n_gpu_layers']} layers offloaded); "
              f"build cold {result['build']['cold_s']} s, warm {result['build']['warm_s'] * 1000:.0f} ms",
              f"target: native overhead <= {TARGET_OVERHEAD_PCT:g} % (median of per-round ratios to off; "
              f"[min..max] over {result['settings']['repetitions']} rounds)",
@@ -231,19 +253,20 @@ def _summary(result: dict) -> str:
 
 
 def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tokens: int = 512, tg_tokens: int = 128,
-              repetitions: int = 5, threads: int | None = None, out: Path | None = None) -> dict:
+              repetitions: int = 5, threads: int | None = None, out: Path | None = None,
+              backend: str = "cpu") -> dict:
     """Measure every model and configuration, write the JSON to `out`, print a table to stderr."""
     if pp_tokens < 1 or tg_tokens < 1 or repetitions < 1:
         raise HarnessError("pp, tg and repetitions must be at least 1")
-    b = build()
+    b = build(backend)
     threads = threads or driver.default_threads()
     result = {
-        "machine": _machine(threads, b),
-        "build": _build_times(b),
+        "machine": _machine(threads, b, backend),
+        "build": _build_times(b, backend),
         "settings": {"pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "repetitions": repetitions,
                      "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
         "target_overhead_pct": TARGET_OVERHEAD_PCT,
-        "models": {name: _bench_model(name, b, pp_tokens, tg_tokens, repetitions, threads) for name in models},
+        "models": {name: _bench_model(name, b, backend, pp_tokens, tg_tokens, repetitions, threads) for name in models},
         "suite": _suite(),
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -268,13 +291,16 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="llama.cpp threads (default $FQ_THREADS or all cores)")
     p.add_argument("--out", type=Path, help="JSON output (default report/bench.json)")
     p.add_argument("--quick", action="store_true", help="smoke settings: smollm2-q4_1, pp 64, tg 8, 2 rounds")
+    p.add_argument("--backend", choices=sorted(DEVICE_BUFFER), default="cpu",
+                   help="build to run: cpu (default), or vulkan/cuda with every layer offloaded")
     args = p.parse_args(argv)
     quick = args.quick
     models = args.models.split(",") if args.models else (["smollm2-q4_1"] if quick else ["smollm2-f32", "smollm2-q4_1"])
     out = args.out or Path("report") / "bench.json"
     try:
         run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
-                  repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out)
+                  repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out,
+                  backend=args.backend)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

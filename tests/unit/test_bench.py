@@ -8,7 +8,9 @@ import math
 
 import pytest
 
-from harness.bench import CONFIGS, PHASES, main_bench, paired_ratios, run_bench
+from harness import driver
+from harness.bench import CONFIGS, PHASES, compute_buffer_mib, main_bench, paired_ratios, run_bench
+from harness.cache import HarnessError
 
 
 def test_paired_ratios_pair_by_round():
@@ -55,3 +57,28 @@ def test_bench_smoke(build, tmp_path, capsys):
 def test_main_bench_rejects_bad_settings(tmp_path, capsys):
     assert main_bench(["--pp", "-1", "--out", str(tmp_path / "b.json")]) == 1
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_compute_buffer_is_the_backends_own(monkeypatch):
+    """With layers offloaded libllama logs one compute buffer per buffer type; the bench reports the
+    device's (the last one logged: a re-reserve logs again), and says so when no device took the layers."""
+    lines = ["llama_context:    Vulkan0 compute buffer size =    9.00 MiB\n",
+             "llama_context:        CPU compute buffer size =    1.00 MiB\n",
+             "llama_context:    Vulkan0 compute buffer size =   12.50 MiB\n",
+             "llama_context: Vulkan_Host compute buffer size =    2.00 MiB\n",
+             "llama_context:        CPU compute buffer size =    3.25 MiB\n"]
+    monkeypatch.setattr(driver, "_log_lines", lines)
+    assert compute_buffer_mib("vulkan") == 12.5
+    assert compute_buffer_mib("cpu") == 3.25
+    with pytest.raises(HarnessError, match="no 'CUDA0 compute buffer size' line"):
+        compute_buffer_mib("cuda")
+    monkeypatch.setattr(driver, "_log_lines", lines[1:2])
+    with pytest.raises(HarnessError, match="GGML_VK_VISIBLE_DEVICES=0"):
+        compute_buffer_mib("vulkan")
+
+
+def test_main_bench_rejects_unknown_backend(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main_bench(["--backend", "metal"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'metal'" in capsys.readouterr().err
