@@ -138,7 +138,7 @@ def _atlas(args: argparse.Namespace) -> str:
 
 def _advise(args: argparse.Namespace) -> str:
     """The largest set of sites that fits the budget, measured; the flags that reproduce it."""
-    from harness.atlas import MAX_CHUNKS, advise, check_advice
+    from harness.atlas import MAX_CHUNKS, advise, check_advice, non_finite_text
     from harness.build import build
     from harness.report import num, with_ci
     from harness.runner import ModelSession
@@ -152,15 +152,20 @@ def _advise(args: argparse.Namespace) -> str:
         session.close()
     lines = [f"model {a['model']}, {a['fmt']}, budget {num(a['budget'])}: {len(a['sites'])} of {a['candidates']} "
              f"sites fit (smallest KLD first; that maximizes the count)"]
+    if a["non_finite"]:
+        lines.append(f"left out, non-finite logits alone ({a['fmt']} exceeds the values' range): "
+                     + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a["non_finite"]))
     if not a["sites"]:
         return "\n".join(lines + [f"no site fits: the smallest single-site KLD is {num(a['smallest'])}"])
     m = a["measured"]
     held = "held" if a["held"]["upper"] else "held by the mean only" if a["held"]["mean"] else "NOT held"
+    measured = (f"measured: {non_finite_text(m)}" if "non_finite" in m else
+                f"measured KLD: {with_ci(m['kld_ci'][0], m['kld_ci'])} (95 % CI, {m['tokens']['n_tokens']} tokens, "
+                f"{m['chunks']} chunk{'s' * (m['chunks'] != 1)}); measured - predicted = {num(a['prediction_error'])}")
     lines += [
         "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a["sites"]),
         f"predicted KLD (sum of single-site means): {num(a['predicted'])}",
-        f"measured KLD: {with_ci(m['kld_ci'][0], m['kld_ci'])} (95 % CI, {m['tokens']['n_tokens']} tokens, "
-        f"{m['chunks']} chunk{'s' * (m['chunks'] != 1)}); measured - predicted = {num(a['prediction_error'])}",
+        measured,
         f"budget {held} (mean {'<=' if a['held']['mean'] else '>'} budget, upper bound "
         f"{'<=' if a['held']['upper'] else '>'} budget)",
         f"llama-completion -m {a['model_path']} {a['flags']} -p PROMPT",

@@ -11,6 +11,10 @@ per layer (the listing's layers are all layers and its count is n_layer), plus `
   along ne0, so a position whose ne0 is not a multiple of 32 gets a point recorded as *skipped*
   with that reason; a rule libllama refuses is recorded as skipped with libllama's message.
 The reference point, `result_output` bf16 (the logits rounded), is always measured.
+A point whose fake-quantized logits are not finite (the format's range was exceeded: f16 holds at
+most 65,504, and Gemma 3's residual stream passes 1e5) is a result, the worst one, recorded as
+*non-finite* with the chunk and the number of rows; it has no KLD, counts as above the reference,
+enters no sum and is never advised.
 
 Each point is measured against the model's FP32-compute baseline of the matrix (ModelSession:
 the same corpus chunks, scored positions and baseline logits on disk), token by token
@@ -160,13 +164,21 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
     ctx = session.ctx
     started, compute_before = time.perf_counter(), ctx.compute_seconds
     ctx.set_fake_quant(list(rules))
+    non_finite: dict | None = None
     try:
         sites = ctx.fake_quant_sites
         parts: list[TokenStats] = []
         for i, chunk in enumerate(session.chunks[:max_chunks]):
             test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
             base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
-            parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
+            try:
+                parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
+            except ValueError:  # token_stats refuses non-finite logits: the test's are a result, the baseline's not
+                rows = int(np.count_nonzero(~np.isfinite(test).all(axis=1)))
+                if rows == 0:
+                    raise
+                non_finite = {"chunk": i, "rows": rows, "of": len(test)}
+                break
             stats = TokenStats.concat(parts)
             ci = mean_ci(stats.kld, resamples=RESAMPLES)
             stop = stop_reason(ci, i + 1, max_chunks)
@@ -174,9 +186,23 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                 break
     finally:
         ctx.set_fake_quant([])
+    timing = {"wall_s": time.perf_counter() - started, "compute_s": ctx.compute_seconds - compute_before}
+    if non_finite is not None:
+        return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": non_finite["chunk"] + 1,
+                "stop": "non-finite", "non_finite": non_finite, "timing": timing}
     return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": len(parts), "stop": stop,
             "kld_ci": ci.triple(), "block": ci.block, "tokens": summarize(stats), "kld": stats.kld.tolist(),
-            "timing": {"wall_s": time.perf_counter() - started, "compute_s": ctx.compute_seconds - compute_before}}
+            "timing": timing}
+
+
+def has_kld(record: dict) -> bool:
+    """A point measured to a KLD: neither skipped nor with non-finite logits."""
+    return "skipped" not in record and "non_finite" not in record
+
+
+def non_finite_text(record: dict) -> str:
+    nf = record["non_finite"]
+    return f"non-finite logits ({nf['rows']} of {nf['of']} rows of chunk {nf['chunk']})"
 
 
 def measure_point(session: ModelSession, point: Point, ne0: int, max_chunks: int) -> dict:
@@ -367,8 +393,13 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
             singles = [by_point.get(Point(p.name, fmt, il)) for il in range(n_layer)]
             entry = {"position": p.name, "fmt": fmt}
             missing = [il for il, r in enumerate(singles) if r is None]
+            overflowed = [il for il, r in enumerate(singles) if r is not None and "non_finite" in r]
             if missing:
                 entry["skipped"] = f"layers {layer_spec(missing)} not measured (the sum needs every layer)"
+            elif overflowed:
+                entry["skipped"] = f"non-finite logits at layers {layer_spec(overflowed)} (no finite sum)"
+            elif "non_finite" in whole:
+                entry["skipped"] = "non-finite logits with every layer at once (no finite KLD to compare)"
             else:
                 entry |= additivity([r["kld"] for r in singles], whole["kld"])
             additive.append(entry)
@@ -469,10 +500,11 @@ def advise(session: ModelSession, fmt: str, budget: float, positions: Sequence[s
                   for il in parse_layers(layers, session.model.n_layer)]
     candidates += [Point(p.name, fmt) for p in chosen if not p.layered]
     records, measured_now = atlas.run(candidates)
-    kld = {(r["point"]["position"], r["point"]["layer"]): r["kld_ci"][0] for r in records if "skipped" not in r}
+    kld = {(r["point"]["position"], r["point"]["layer"]): r["kld_ci"][0] for r in records if has_kld(r)}
+    excluded = [[r["point"]["position"], r["point"]["layer"]] for r in records if "non_finite" in r]
     sites = select_sites(kld, budget)
     rules = rules_for(sites, fmt)
-    advice = {"model": session.name, "fmt": fmt, "budget": budget, "candidates": len(kld),
+    advice = {"model": session.name, "fmt": fmt, "budget": budget, "candidates": len(kld), "non_finite": excluded,
               "measured_now": measured_now, "sites": [list(s) for s in sites],
               "predicted": math.fsum(kld[s] for s in sites), "rules": [asdict(r) for r in rules],
               "flags": cli_flags(rules), "model_path": str(session.file.path)}
@@ -481,6 +513,8 @@ def advise(session: ModelSession, fmt: str, budget: float, positions: Sequence[s
         return advice
     progress(f"{session.name}: measuring the advised set ({len(sites)} sites)")
     run = measure_rules(session, rules, max_chunks)
+    if "non_finite" in run:  # each site alone was finite, together they are not: the budget did not hold
+        return advice | {"measured": summary(run), "held": {"mean": False, "upper": False}, "prediction_error": None}
     mean, hi = run["kld_ci"][0], run["kld_ci"][2]
     return advice | {"measured": summary(run), "held": {"mean": mean <= budget, "upper": hi <= budget},
                      "prediction_error": mean - advice["predicted"]}

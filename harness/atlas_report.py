@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.atlas import layer_spec
 from harness.cache import HarnessError
 from harness.report import _pyplot, _save, _yerr, duration, num, pct, ratio, table, with_ci
 
@@ -48,16 +49,20 @@ class View:
         self.points = {(r["point"]["position"], r["point"]["fmt"], r["point"]["layer"]): r for r in model["points"]}
 
     def get(self, position: str, fmt: str, layer: int | None = None) -> dict | None:
-        """A measured point (None when absent or skipped)."""
+        """A point measured to a KLD (None when absent, skipped or with non-finite logits)."""
         r = self.points.get((position, fmt, layer))
-        return r if r is not None and "skipped" not in r else None
+        return r if r is not None and "skipped" not in r and "non_finite" not in r else None
 
     def skipped(self) -> list[dict]:
         return [r for r in self.m["points"] if "skipped" in r]
 
+    def non_finite(self, fmt: str | None = None) -> list[dict]:
+        """Points whose logits came out non-finite (the format's range was exceeded)."""
+        return [r for r in self.m["points"] if "non_finite" in r and fmt in (None, r["point"]["fmt"])]
+
     def singles(self, fmt: str) -> list[dict]:
-        return [r for r in self.m["points"] if "skipped" not in r and r["point"]["fmt"] == fmt
-                and r["point"]["layer"] is not None]
+        return [r for r in self.m["points"] if "skipped" not in r and "non_finite" not in r
+                and r["point"]["fmt"] == fmt and r["point"]["layer"] is not None]
 
     def reference(self) -> dict | None:
         return self.get(self.ref_position, self.ref_fmt)
@@ -90,7 +95,7 @@ def shared_limits(views: Sequence[View]) -> tuple[float, float] | None:
 
 
 def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> str | None:
-    rows = [p for p in v.layered if any(v.get(p, fmt, il) for il in range(v.n_layer))]
+    rows = [p for p in v.layered if any(v.get(p, fmt, il) or (p, fmt, il) in v.points for il in range(v.n_layer))]
     if not rows:
         return f"no single-layer {fmt} points measured"
     plt = _pyplot()
@@ -102,7 +107,11 @@ def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> 
             value = kld(v.get(p, fmt, il))
             if value is not None:
                 grid[i, il] = value if value > 0 else limits[0] / 10  # drawn in the "under" colour
-    cmap = plt.get_cmap("viridis").with_extremes(bad="white", under="lightgrey")
+    overflowed = [(i, r["point"]["layer"]) for i, p in enumerate(rows) for r in v.non_finite(fmt)
+                  if r["point"]["position"] == p and r["point"]["layer"] is not None]
+    for i, il in overflowed:
+        grid[i, il] = limits[1] * 10  # drawn in the "over" colour
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white", under="lightgrey", over="black")
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * v.n_layer + 3), max(3.0, 0.3 * len(rows) + 1.6)))
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, norm=LogNorm(*limits),
                       interpolation="nearest")
@@ -116,8 +125,10 @@ def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> 
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xticks(range(0, v.n_layer, max(1, v.n_layer // 15)))
     ax.set_xlabel("layer (fake-quantized alone)")
-    fig.colorbar(image, ax=ax, extend="min", label="mean KLD vs baseline (nats, log scale)")
-    ax.set_title(f"{v.label}: {fmt} at one position and layer (white: not measured, grey: KLD ≤ 0)", fontsize=10)
+    fig.colorbar(image, ax=ax, extend="both" if overflowed else "min", label="mean KLD vs baseline (nats, log scale)")
+    black = ", black: non-finite logits" if overflowed else ""
+    ax.set_title(f"{v.label}: {fmt} at one position and layer (white: not measured, grey: KLD ≤ 0{black})",
+                 fontsize=10)
     _save(fig, path)
     return None
 
@@ -152,8 +163,10 @@ def plot_ranking(v: View, path: Path) -> str | None:
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean KLD vs baseline (95 % CI)")
     title = f"{v.label}: positions ranked by all-layers bf16 KLD"
+    dropped += [f"{r['point']['position']} {r['point']['fmt']} (non-finite)" for r in v.non_finite()
+                if r["point"]["layer"] is None and r["point"]["position"] in order]
     if dropped:
-        title += f"\n(not drawn, KLD ≤ 0: {', '.join(dropped)})"
+        title += f"\n(not drawn, KLD ≤ 0 or non-finite: {', '.join(dropped)})"
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -198,6 +211,28 @@ def section_intro(data: dict) -> list[str]:
     ]
 
 
+def section_non_finite(v: View) -> list[str]:
+    """Where a format's range is exceeded: the points whose logits came out inf or NaN, by format
+    and position (worse than any KLD: they have none, and the advisor never picks them)."""
+    if not v.non_finite():
+        return []
+    lines = ["### Non-finite logits: where the format's range is exceeded", "",
+             "Rounding these tensors made the logits inf or NaN (f16 holds magnitudes up to 65,504; bf16 has "
+             "float32's range), so they have no KLD: worse than any measured point.", ""]
+    rows = []
+    for fmt in v.formats():
+        for p in v.names:
+            hits = [r for r in v.non_finite(fmt) if r["point"]["position"] == p]
+            layers = sorted(r["point"]["layer"] for r in hits if r["point"]["layer"] is not None)
+            if hits:
+                rows.append([fmt, f"`{p}`", layer_spec(layers) if layers else "–",
+                             "yes" if any(r["point"]["layer"] is None for r in hits) else
+                             "no" if v.get(p, fmt) else "–", f"{hits[0]['non_finite']['rows']} of "
+                             f"{hits[0]['non_finite']['of']}"])
+    return lines + table(["format", "position", "single layers with non-finite logits", "every layer at once too?",
+                          "rows non-finite (first point)"], rows)
+
+
 def section_below(v: View) -> list[str]:
     ref = v.reference()
     lines = [f"### Where bf16 stays below the reference ({v.ref_position} {v.ref_fmt})", ""]
@@ -206,12 +241,16 @@ def section_below(v: View) -> list[str]:
     rows, clearly, by_means = [], [], []
     for p in v.layered:
         measured = {il: v.get(p, "bf16", il) for il in range(v.n_layer) if v.get(p, "bf16", il)}
+        overflowed = sorted(r["point"]["layer"] for r in v.non_finite("bf16")
+                            if r["point"]["position"] == p and r["point"]["layer"] is not None)
         if not measured:
             continue
         worst_layer = max(measured, key=lambda il: measured[il]["kld_ci"][0])
-        complete = len(measured) == v.n_layer
+        complete = len(measured) + len(overflowed) == v.n_layer
         above = [il for il, r in measured.items() if r["kld_ci"][0] >= ref["kld_ci"][0]]
-        if above:
+        if overflowed:
+            verdict = f"no: non-finite logits at layers {layer_spec(overflowed)}"
+        elif above:
             verdict = f"no: mean at or above it at layers {', '.join(map(str, above))}"
         elif all(r["kld_ci"][2] < ref["kld_ci"][1] for r in measured.values()):
             verdict = "yes, clearly"
@@ -222,7 +261,7 @@ def section_below(v: View) -> list[str]:
             if complete:
                 by_means.append(p)
         if not complete:
-            verdict += f" (only {len(measured)} of {v.n_layer} layers measured, so not listed below)"
+            verdict += f" (only {len(measured) + len(overflowed)} of {v.n_layer} layers measured, so not listed below)"
         rows.append([f"`{p}`", str(len(measured)), str(worst_layer), ci_text(measured[worst_layer]), verdict])
     if not rows:
         return lines + ["Skipped: no single-layer bf16 points measured.", ""]
@@ -257,7 +296,7 @@ def section_all_layers(v: View) -> list[str]:
         for fmt in fmts:
             r = v.points.get((p, fmt, None))
             cells.append("not in this atlas" if r is None else f"skipped ({r['skipped']})" if "skipped" in r
-                         else f"{ci_text(r)}, {r['chunks']} ch.")
+                         else "**non-finite logits**" if "non_finite" in r else f"{ci_text(r)}, {r['chunks']} ch.")
         bf = v.get(p, "bf16")
         ne0 = next(x["ne0"] for x in v.m["positions"] if x["name"] == p)
         rows.append([f"`{p}`", str(ne0), *cells, pct(bf["tokens"]["top1_agreement"], ".4g") if bf else "–",
@@ -312,7 +351,8 @@ def section_model(v: View, skipped_plots: dict[str, str | None]) -> list[str]:
         lines.append(f"- Skipped: `{pt['position']}` {pt['fmt']} "
                      f"{'every layer' if pt['layer'] is None else 'layer ' + str(pt['layer'])}: {r['skipped']}")
     lines.append("")
-    lines += section_below(v) + section_sensitive(v) + section_all_layers(v) + section_additivity(v)
+    lines += section_non_finite(v) + section_below(v) + section_sensitive(v) + section_all_layers(v)
+    lines += section_additivity(v)
     for name, caption in skipped_plots.items():
         kind = name.split("/")[1].split("-")[0]
         lines += [f"Plot skipped ({kind}): {caption}.", ""] if caption else [f"![{v.label} {kind}]({name})", ""]

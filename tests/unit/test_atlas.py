@@ -372,3 +372,83 @@ def test_report_errors_name_the_file(tmp_path):
     del broken["additivity"]
     with pytest.raises(HarnessError, match="is malformed"):
         render_atlas(synthetic_atlas(tmp_path, [broken]), tmp_path / "out")
+
+
+# non-finite logits: a result, the worst one ----------------------------------------------------
+
+
+def overflowed(position: str, fmt: str, layer: int | None) -> dict:
+    return {"point": {"position": position, "fmt": fmt, "layer": layer}, "sites": 1, "chunks": 1,
+            "stop": "non-finite", "non_finite": {"chunk": 0, "rows": 447, "of": 447},
+            "timing": {"wall_s": 1.0, "compute_s": 0.9}}
+
+
+def test_report_shows_non_finite_points_as_the_worst(tmp_path):
+    """f16 overflowing at attn_norm layers 1-2 and every layer at once: listed, drawn black, never a
+    KLD, not 'below the reference', kept out of sums and rankings."""
+    model = synthetic_model("g", "F32", 1.0)
+    replaced = {("attn_norm", "f16", 1), ("attn_norm", "f16", 2), ("attn_norm", "f16", None)}
+    model["points"] = [overflowed(*key) if (key := tuple(r["point"].values())) in replaced else r
+                       for r in model["points"]]
+    model["points"].append(overflowed("ffn_norm", "bf16", 0))
+    model["points"] = [r for r in model["points"] if tuple(r["point"].values()) != ("ffn_norm", "bf16", 0)
+                       or "non_finite" in r]
+    text = render_atlas(synthetic_atlas(tmp_path, [model]), tmp_path / "out").read_text()
+    assert "### Non-finite logits: where the format's range is exceeded" in text
+    assert "| f16 | `attn_norm` | 1-2 | yes | 447 of 447 |" in text
+    assert "| bf16 | `ffn_norm` | 0 | no | 447 of 447 |" in text
+    assert "| `ffn_norm` | 2 | 2 |" in text and "no: non-finite logits at layers 0 |" in text
+    assert "**non-finite logits**" in text  # attn_norm f16, every layer at once
+    assert "20 points: 4 non-finite, 1 skipped, 15 tight" in text  # the stop counts
+    assert (tmp_path / "out" / "atlas" / "heatmap_f16-g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class FakeSession:
+    """Just what measure_rules reads: two chunks, finite baselines, and test logits that turn
+    non-finite in the chunk given."""
+
+    def __init__(self, tmp_path: Path, bad_chunk: int | None, bad_rows: int = 3, baseline_bad: bool = False) -> None:
+        from harness import matrix
+
+        n_tokens = matrix.N_CTX - 1 - matrix.SCORED_FROM
+        rng = np.random.default_rng(0)
+        self.baseline_dir = tmp_path
+        self.chunks = [list(rng.integers(0, 16, matrix.N_CTX)) for _ in range(2)]
+        self.logits = [rng.standard_normal((n_tokens, 16)).astype(np.float32) for _ in range(2)]
+        for i, base in enumerate(self.logits):
+            saved = base.copy()
+            if baseline_bad and i == 0:
+                saved[0, 0] = np.nan
+            np.save(tmp_path / f"chunk{i:02d}.npy", saved)
+        self.bad_chunk, self.bad_rows = bad_chunk, bad_rows
+        self.ctx = SimpleNamespace(set_fake_quant=lambda rules: None, fake_quant_sites=1, compute_seconds=0.0)
+        self.calls = 0
+
+    def _scored_logits(self, chunk, copy=False):
+        i = self.calls
+        self.calls += 1
+        test = self.logits[i] + np.float32(1e-3)
+        if i == self.bad_chunk:
+            test[:self.bad_rows, 5] = np.inf
+        return test
+
+
+@pytest.mark.parametrize("bad_chunk", [0, 1])
+def test_measure_rules_records_non_finite_logits(tmp_path, bad_chunk, monkeypatch):
+    monkeypatch.setattr(atlas, "stop_reason", lambda ci, chunks, max_chunks: None if chunks < max_chunks else "max")
+    record = atlas.measure_rules(FakeSession(tmp_path, bad_chunk), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert record["non_finite"] == {"chunk": bad_chunk, "rows": 3, "of": record["non_finite"]["of"]}
+    assert record["stop"] == "non-finite" and record["chunks"] == bad_chunk + 1
+    assert "kld_ci" not in record and "kld" not in record and not atlas.has_kld(record)
+    assert atlas.non_finite_text(record) == f"non-finite logits (3 of {record['non_finite']['of']} rows of chunk {bad_chunk})"
+
+
+def test_measure_rules_with_finite_logits_has_a_kld(tmp_path):
+    record = atlas.measure_rules(FakeSession(tmp_path, None), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert atlas.has_kld(record) and record["kld_ci"][0] > 0
+
+
+def test_a_non_finite_baseline_is_still_an_error(tmp_path):
+    """Only the fake-quantized logits may be non-finite; a broken baseline is not a measurement."""
+    with pytest.raises(ValueError, match="non-finite logits in rows"):
+        atlas.measure_rules(FakeSession(tmp_path, None, baseline_bad=True), [FakeQuantRule("x", "f16")], max_chunks=2)
