@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.atlas import layer_spec
+from harness.atlas import has_kld, layer_spec
 from harness.cache import HarnessError
 from harness.report import _pyplot, _save, _yerr, duration, num, pct, ratio, table, with_ci
 
@@ -51,7 +51,7 @@ class View:
     def get(self, position: str, fmt: str, layer: int | None = None) -> dict | None:
         """A point measured to a KLD (None when absent, skipped or with non-finite logits)."""
         r = self.points.get((position, fmt, layer))
-        return r if r is not None and "skipped" not in r and "non_finite" not in r else None
+        return r if r is not None and has_kld(r) else None
 
     def skipped(self) -> list[dict]:
         return [r for r in self.m["points"] if "skipped" in r]
@@ -61,8 +61,8 @@ class View:
         return [r for r in self.m["points"] if "non_finite" in r and fmt in (None, r["point"]["fmt"])]
 
     def singles(self, fmt: str) -> list[dict]:
-        return [r for r in self.m["points"] if "skipped" not in r and "non_finite" not in r
-                and r["point"]["fmt"] == fmt and r["point"]["layer"] is not None]
+        return [r for r in self.m["points"] if has_kld(r) and r["point"]["fmt"] == fmt
+                and r["point"]["layer"] is not None]
 
     def reference(self) -> dict | None:
         return self.get(self.ref_position, self.ref_fmt)
