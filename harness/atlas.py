@@ -64,7 +64,7 @@ from harness import matrix
 from harness.cache import HarnessError, cache_root, progress, publish
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
-from harness.metrics import TokenStats, summarize, token_stats
+from harness.metrics import TokenStats, summarize
 from harness.reference import parse_layers as reference_layers
 from harness.runner import ModelSession, code_version
 
@@ -172,7 +172,7 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
             test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
             base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
             try:
-                parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
+                parts.append(session.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             except ValueError:  # token_stats refuses non-finite logits: the test's are a result, the baseline's not
                 rows = int(np.count_nonzero(~np.isfinite(test).all(axis=1)))
                 if rows == 0:

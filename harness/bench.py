@@ -277,6 +277,43 @@ def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tok
     return result
 
 
+STATS_VOCABS = {"smollm2": 49_152, "gemma3": 262_144}
+STATS_ROWS = 447  # the scored positions of one corpus chunk
+
+
+def run_stats_bench(block_rows: Sequence[int] = (1, 2, 4, 16), threads: Sequence[int] = (1, 2),
+                    repetitions: int = 5) -> dict:
+    """Time harness.metrics.token_stats on one chunk's worth of random logits for each vocabulary
+    size, block size and thread count: the median of `repetitions` calls, each setting's rows
+    checked bit-identical to the first setting's (the blocking and threading must not change a bit)."""
+    import numpy as np
+    from harness.metrics import token_stats
+
+    rng = np.random.default_rng(0)
+    table = []
+    for vocab_name, n_vocab in STATS_VOCABS.items():
+        base = (rng.standard_normal((STATS_ROWS, n_vocab)) * 3).astype(np.float32)
+        test = base + (rng.standard_normal((STATS_ROWS, n_vocab)) * 0.01).astype(np.float32)
+        targets = rng.integers(0, n_vocab, STATS_ROWS)
+        first = None
+        for rows in block_rows:
+            for n_threads in threads:
+                times = []
+                for _ in range(repetitions):
+                    started = time.perf_counter()
+                    stats = token_stats(base, test, targets, block_rows=rows, threads=n_threads)
+                    times.append(time.perf_counter() - started)
+                first = first or stats
+                same = all(np.array_equal(getattr(first, f), getattr(stats, f))
+                           for f in ("kld", "top1", "nll_base", "nll_test", "dp"))
+                table.append({"vocab": vocab_name, "n_vocab": n_vocab, "block_rows": rows, "threads": n_threads,
+                              "median_s": statistics.median(times), "identical": same})
+                progress(f"token_stats {vocab_name} block_rows {rows} threads {n_threads}: "
+                         f"{statistics.median(times):.3f} s{'' if same else ' BITS DIFFER'}")
+    return {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "rows": STATS_ROWS,
+            "repetitions": repetitions, "timings": table}
+
+
 def _pick(given: int | None, default: int) -> int:
     return default if given is None else given
 
@@ -293,7 +330,16 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke settings: smollm2-q4_1, pp 64, tg 8, 2 rounds")
     p.add_argument("--backend", choices=sorted(DEVICE_BUFFER), default="cpu",
                    help="build to run: cpu (default), or vulkan/cuda with every layer offloaded")
+    p.add_argument("--token-stats", action="store_true",
+                   help="only time the token statistics (harness.metrics) per block size and thread count")
     args = p.parse_args(argv)
+    if args.token_stats:
+        out = args.out or Path("report") / "bench-token-stats.json"
+        result = run_stats_bench(repetitions=_pick(args.reps, 5))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(out)
+        return 0 if all(row["identical"] for row in result["timings"]) else 1
     quick = args.quick
     models = args.models.split(",") if args.models else (["smollm2-q4_1"] if quick else ["smollm2-f32", "smollm2-q4_1"])
     out = args.out or Path("report") / "bench.json"

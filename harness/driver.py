@@ -208,6 +208,7 @@ class Context:
         llama = _llama
         self.model = model
         self.n_ctx = n_ctx
+        self.threads = threads
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_ctx

@@ -93,9 +93,9 @@ def circular_block_means(d: np.ndarray, block: int, rng: np.random.Generator, re
     by row over a contiguous array, which sums in numpy's same pairwise order as arch's 1-D np.mean."""
     n = len(d)
     k = -(-n // block)  # blocks per resample
-    starts = np.empty((resamples, k), dtype=np.int64)
-    for r in range(resamples):
-        starts[r] = rng.integers(n, size=k, dtype=np.int64)
+    # one call draws what arch's one call per resample draws: the generator's stream does not
+    # restart between calls (its spare 32-bit half is kept in the bit generator's state)
+    starts = rng.integers(n, size=(resamples, k), dtype=np.int64)
     wrapped = np.concatenate([d, d[:block]])  # wrapped[s + j] == d[(s + j) % n] for s < n, j < block
     offsets = np.arange(block, dtype=np.int64)
     means = np.empty(resamples)

@@ -144,6 +144,11 @@ class ModelSession:
         """Logits of the scored positions SCORED_FROM..N_CTX-2 (each predicts the next token)."""
         return self.ctx.logits(chunk, first=matrix.SCORED_FROM, copy=copy)[:-1]
 
+    def token_stats(self, base: np.ndarray, test: np.ndarray, targets: np.ndarray) -> TokenStats:
+        """harness.metrics.token_stats on as many threads as llama.cpp gets: the cores idle
+        between two decodes (the bits do not depend on the thread count)."""
+        return token_stats(base, test, targets, threads=self.ctx.threads)
+
     def _task_logits(self, task: Task) -> np.ndarray:
         """Logits of the positions that predict the task's continuation tokens."""
         return self.ctx.logits(task.tokens, first=task.first - 1)[:-1]
@@ -181,7 +186,7 @@ class ModelSession:
                 test = self._scored_logits(chunk, copy=False)  # consumed before the next decode
                 sites = self.ctx.fake_quant_sites
                 base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
-                parts.append(token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
+                parts.append(self.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             stats = TokenStats.concat(parts)
             record = {
                 "group": group.id, "model": self.name, "kind": group.kind, "description": group.description,
@@ -209,7 +214,7 @@ class ModelSession:
         the change of the answer's log-probability: the arrays H5 and the report's intervals use."""
         per_kind: dict[str, list[TokenStats]] = {"arithmetic": [], "text": []}
         for i, task in enumerate(self.tasks):
-            stats = token_stats(np.load(base_dir / f"task{i:03d}.npy"), self._task_logits(task),
+            stats = self.token_stats(np.load(base_dir / f"task{i:03d}.npy"), self._task_logits(task),
                                 np.asarray(task.tokens[task.first:]))
             per_kind[task.kind].append(stats)
         record: dict = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}

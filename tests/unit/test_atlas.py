@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from harness.atlas_report import render_atlas
 from harness.cache import HarnessError
 from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
+from harness.metrics import token_stats
 from harness.reference import parse_layers as reference_parse_layers
 from harness.runner import code_version, result_modules
 
@@ -423,6 +425,7 @@ class FakeSession:
         self.bad_chunk, self.bad_rows = bad_chunk, bad_rows
         self.ctx = SimpleNamespace(set_fake_quant=lambda rules: None, fake_quant_sites=1, compute_seconds=0.0)
         self.calls = 0
+        self.token_stats = partial(token_stats, threads=2)
 
     def _scored_logits(self, chunk, copy=False):
         i = self.calls

@@ -133,17 +133,32 @@ def test_uniform_logits_have_perplexity_n_vocab():
     assert summary["ppl_ratio"] == 1.0 and summary["kld_max"] == 0.0
 
 
-@pytest.mark.parametrize("block_rows", [1, 3, 7, 256])
-def test_block_processing_matches_one_shot(block_rows):
-    rng = np.random.default_rng(4)
-    n, v = 50, 33
+@SETTINGS
+@given(st.integers(1, 40), st.integers(2, 70), st.integers(1, 41), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_bits_do_not_depend_on_blocks_or_threads(n, v, block_rows, threads, seed):
+    """Every row is computed alone: any blocking (a lone last row included, which np.einsum would
+    sum in another order) and any thread split give the one-block bits."""
+    rng = np.random.default_rng(seed)
     base = random_logits(rng, n, v)
     test = base + random_logits(rng, n, v, scale=0.3)
     targets = rng.integers(0, v, n)
-    one_shot = token_stats(base, test, targets, block_rows=n)
-    blocked = token_stats(base, test, targets, block_rows=block_rows)
+    one_shot = token_stats(base, test, targets, block_rows=max(2, n))
+    blocked = token_stats(base, test, targets, block_rows=block_rows, threads=threads)
     for f in ("kld", "top1", "nll_base", "nll_test", "dp"):
         assert np.array_equal(getattr(one_shot, f), getattr(blocked, f)), f
+
+
+def test_bits_do_not_depend_on_blocks_at_vocabulary_size():
+    """The same at SmolLM2's vocabulary size, where numpy's loops take their vectorized paths."""
+    rng = np.random.default_rng(7)
+    n, v = 9, 49_152
+    base = random_logits(rng, n, v)
+    test = base + random_logits(rng, n, v, scale=0.01)
+    targets = rng.integers(0, v, n)
+    one_shot = token_stats(base, test, targets, block_rows=n)
+    for block_rows, threads in [(1, 1), (2, 2), (4, 3), (16, 1)]:
+        blocked = token_stats(base, test, targets, block_rows=block_rows, threads=threads)
+        assert np.array_equal(one_shot.kld, blocked.kld) and np.array_equal(one_shot.dp, blocked.dp)
 
 
 def test_blocked_float64_temporaries_stay_bounded():
@@ -188,12 +203,20 @@ def test_rejects_bad_input(base_shape, test_shape, targets):
         token_stats(np.zeros(base_shape, np.float32), np.zeros(test_shape, np.float32), np.array(targets))
 
 
-def test_rejects_non_finite_logits():
+@pytest.mark.parametrize("option", [{"block_rows": 0}, {"threads": 0}])
+def test_rejects_bad_options(option):
     logits = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match=f"{next(iter(option))} must be >= 1"):
+        token_stats(logits, logits, np.array([0, 1]), **option)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rejects_non_finite_logits(threads):
+    logits = np.zeros((6, 3), np.float32)
     bad = logits.copy()
-    bad[1, 2] = np.nan
-    with pytest.raises(ValueError, match="non-finite"):
-        token_stats(logits, bad, np.array([0, 1]))
+    bad[5, 2] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite logits in rows 4\.\.5"):
+        token_stats(logits, bad, np.zeros(6, dtype=np.int64), threads=threads)
 
 
 # --- summarize ---------------------------------------------------------------------------
