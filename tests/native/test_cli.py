@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from harness.reference import parse_layers
+
 pytestmark = pytest.mark.native
 
 PROMPT = "測試提示"  # the design's "test prompt"
@@ -32,14 +34,24 @@ def q4_1(build):
     return str(get_model("smollm2-q4_1", build).path)
 
 
+SITES_ENTRY = re.compile(r"(?P<target>[^\s,{}]+?)(?:-\{(?P<layers>[0-9,-]+)\})?(?P<plain> and \S+)? (?:bf16|f16|q8_0)"
+                         r"(?: scale \S+)?(?:, |$)")
+
+
 def fake_quantized(stderr: str) -> set[str]:
-    """The tensors the graph pass fake-quantized, from libllama's -v log (one line per graph:
-    "fake-quantizing 3 tensors: 'ffn_norm-3' bf16, ...")."""
+    """The tensors the graph pass fake-quantized, from libllama's -v log (one line per graph, by
+    rule: "fake-quantizing 7 tensors: ffn_norm-{0-4,7} bf16, result_output f16")."""
     lines = [line for line in stderr.splitlines() if "llama_fake_quant_rewrite: fake-quantizing" in line]
-    names = [re.findall(r"'([^']+)'", line) for line in lines]
-    for line, found in zip(lines, names):
-        assert len(found) == int(line.split("fake-quantizing ")[1].split()[0]), line
-    return {name for found in names for name in found}
+    found = set()
+    for line in lines:
+        count, _, entries = line.split("fake-quantizing ", 1)[1].partition(" tensors: ")
+        names = []
+        for m in SITES_ENTRY.finditer(entries):
+            layers = sorted(parse_layers(m["layers"], 10_000)) if m["layers"] else []
+            names += [f"{m['target']}-{il}" for il in layers] + ([m["target"]] if m["plain"] or not layers else [])
+        assert len(names) == int(count), line
+        found.update(names)
+    return found
 
 
 def sites_in_graph(stderr: str) -> int:

@@ -128,7 +128,7 @@ def test_supported_casts_are_built(cases: dict[str, dict], case: str, fmt: str) 
     assert c["sites"] == [[0, 0]]
     assert c["asked"] == [f"CPY f32 -> {fmt} il=0", f"CPY {fmt} -> f32 il=0"]
     assert c["refused"] == []
-    assert c["rewired"] == [True]
+    assert c["rewired"] == [True] and c["over_x"] == [False]
     assert c["reads"] == [REWIRED_READS]
     assert c["order"] == ["ffn_norm-0 SCALE", "ffn_norm-0.fq.q CPY", "ffn_norm-0.fq CPY", "out-0 ADD"]
 
@@ -140,11 +140,12 @@ def test_supported_casts_are_built(cases: dict[str, dict], case: str, fmt: str) 
 def test_fused_impl_does_not_ask(cases: dict[str, dict], case: str, nodes: list[str]) -> None:
     """(d) LLAMA_FAKE_QUANT_IMPL_CPU_FUSED never consults `unsupported` (only the portable branch does):
     llama_context picks it when every backend is a CPU, which has every cast. Even the q8_0 casts it
-    builds (there is no fused q8_0 node) are not checked, so a refusing device changes nothing."""
+    builds (there is no fused q8_0 node) are not checked, so a refusing device changes nothing.
+    The fused path writes the result over x right after x and leaves the reader reading x."""
     c = cases[case]
     assert c["asked"] == []
     assert c["error"] == ""
     assert c["sites"] == [[0, 0]]
-    assert c["rewired"] == [True]
-    assert c["reads"] == [REWIRED_READS]
+    assert c["rewired"] == [False] and c["over_x"] == [True]
+    assert c["reads"] == ["ffn_norm-0, ffn_norm-0"]
     assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]

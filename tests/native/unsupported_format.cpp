@@ -116,13 +116,17 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
         const ggml_tensor * node = ggml_graph_node(gf, i);
         order.push_back(std::string(node->name) + " " + ggml_op_desc(node));
     }
-    // per layer: whether its reader now reads something other than x, and what it reads
+    // per layer: whether its reader now reads something other than x, what it reads, and whether
+    // the site's result (x's name + ".fq") is written over x (a view of x)
     std::vector<std::string> rewired;
     std::vector<std::string> reads;
+    std::vector<std::string> over_x;
     for (int il = 0; il < n_layers; ++il) {
         const ggml_tensor * r = readers[il];
         rewired.push_back(r->src[0] != xs[il] || r->src[1] != xs[il] ? "true" : "false");
         reads.push_back(std::string(r->src[0]->name) + ", " + r->src[1]->name);
+        const ggml_tensor * y = ggml_graph_get_tensor(gf, (std::string(xs[il]->name) + ".fq").c_str());
+        over_x.push_back(y && y->view_src == xs[il] ? "true" : "false");
     }
     std::string site_list;
     for (const auto & s : sites) {
@@ -132,12 +136,16 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
     for (const auto & r : rewired) {
         rewired_list += (rewired_list.empty() ? "" : ", ") + r;
     }
+    std::string over_x_list;
+    for (const auto & o : over_x) {
+        over_x_list += (over_x_list.empty() ? "" : ", ") + o;
+    }
     printf("{\"case\": %s, \"impl\": %s, \"format\": %s, \"scale\": %g, \"stub\": %s, \"error\": %s, "
-           "\"sites\": [%s], \"rewired\": [%s], \"reads\": %s, \"asked\": %s, \"refused\": %s, "
+           "\"sites\": [%s], \"rewired\": [%s], \"over_x\": [%s], \"reads\": %s, \"asked\": %s, \"refused\": %s, "
            "\"n_nodes_before\": %d, \"n_nodes_after\": %d, \"order\": %s}\n",
            json_str(name).c_str(), json_str(impl == LLAMA_FAKE_QUANT_IMPL_PORTABLE ? "portable" : "cpu_fused").c_str(),
            json_str(ggml_type_name(type)).c_str(), scale, json_str(v.what).c_str(), json_str(err).c_str(),
-           site_list.c_str(), rewired_list.c_str(), json_list(reads).c_str(), json_list(asked).c_str(),
+           site_list.c_str(), rewired_list.c_str(), over_x_list.c_str(), json_list(reads).c_str(), json_list(asked).c_str(),
            json_list(refused).c_str(), n_nodes_before, ggml_graph_n_nodes(gf), json_list(order).c_str());
     fflush(stdout);
     ggml_free(ctx);
