@@ -42,12 +42,17 @@ def test_circular_block_means_equal_arch_bit_for_bit(n, data, seed, scale, resam
     assert got.view(np.uint64).tolist() == expected.view(np.uint64).tolist()
 
 
-def test_circular_block_means_batches_like_one_pass(monkeypatch):
-    """Resamples are gathered in batches to bound memory: a batch boundary changes no bit."""
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_circular_block_means_batches_like_one_pass(monkeypatch, threads):
+    """Resamples are gathered in batches to bound memory, and batches run on $FQ_THREADS threads:
+    neither a batch boundary nor the thread count changes a bit, and the result is still arch's."""
     d = np.random.default_rng(3).standard_normal(447)
     whole = circular_block_means(d, 7, np.random.default_rng(5), 50)
-    monkeypatch.setattr("harness.intervals._BATCH", 447 * 3)  # 3 resamples a batch, the last one short
-    assert circular_block_means(d, 7, np.random.default_rng(5), 50).tobytes() == whole.tobytes()
+    monkeypatch.setattr("harness.intervals._BATCH", 448 * 3)  # 3 resamples a batch, the last one short
+    monkeypatch.setenv("FQ_THREADS", threads)
+    batched = circular_block_means(d, 7, np.random.default_rng(5), 50)
+    expected = CircularBlockBootstrap(7, d, seed=np.random.default_rng(5)).apply(np.mean, 50)[:, 0]
+    assert batched.tobytes() == whole.tobytes() == expected.tobytes()
 
 
 # --- block length ------------------------------------------------------------------------------
