@@ -141,11 +141,12 @@ def test_fused_impl_does_not_ask(cases: dict[str, dict], case: str, nodes: list[
     """(d) LLAMA_FAKE_QUANT_IMPL_CPU_FUSED never consults `unsupported` (only the portable branch does):
     llama_context picks it when every backend is a CPU, which has every cast. Even the q8_0 casts it
     builds (there is no fused q8_0 node) are not checked, so a refusing device changes nothing.
-    The fused path writes the result over x right after x and leaves the reader reading x."""
+    The fused path writes the result over x right after x; the first reader's first slot is pointed at
+    the result (so ggml's allocator releases that view, and x, after it) and its second still reads x."""
     c = cases[case]
     assert c["asked"] == []
     assert c["error"] == ""
     assert c["sites"] == [[0, 0]]
-    assert c["rewired"] == [False] and c["over_x"] == [True]
-    assert c["reads"] == ["ffn_norm-0, ffn_norm-0"]
+    assert c["rewired"] == [True] and c["over_x"] == [True]
+    assert c["reads"] == ["ffn_norm-0.fq, ffn_norm-0"]
     assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]
