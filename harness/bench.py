@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from harness import driver
@@ -73,13 +73,22 @@ def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, fl
     return {"median": median, "min": min(ratios), "max": max(ratios), "overhead_pct": (median - 1) * 100}
 
 
-def compute_buffer_mib(backend: str = "cpu") -> float:
-    """The size of `backend`'s compute buffer that libllama logged last (at context creation or
-    re-reserve); a clear error when that buffer never appeared (nothing was offloaded)."""
+def logged_buffer_mib(lines: Sequence[str], backend: str = "cpu") -> float | None:
+    """The size of `backend`'s compute buffer in the last of libllama's log `lines` that gives it
+    (logged at context creation and each re-reserve), or None."""
     buffer = DEVICE_BUFFER[backend]
-    for line in reversed(driver._log_lines):
+    for line in reversed(lines):
         if (m := _BUFFER_LINE.search(line)) and m[1] == buffer:
             return float(m[2])
+    return None
+
+
+def compute_buffer_mib(backend: str = "cpu") -> float:
+    """The size of `backend`'s compute buffer that libllama logged last in this process; a clear
+    error when that buffer never appeared (nothing was offloaded)."""
+    if (size := logged_buffer_mib(driver._log_lines, backend)) is not None:
+        return size
+    buffer = DEVICE_BUFFER[backend]
     hint = " (on lavapipe set GGML_VK_VISIBLE_DEVICES=0)" if backend == "vulkan" else ""
     raise HarnessError(f"libllama logged no '{buffer} compute buffer size' line: no {backend} device took the "
                        f"layers{hint}")
@@ -304,8 +313,7 @@ def run_stats_bench(block_rows: Sequence[int] = (1, 2, 4, 16), threads: Sequence
                     stats = token_stats(base, test, targets, block_rows=rows, threads=n_threads)
                     times.append(time.perf_counter() - started)
                 first = first or stats
-                same = all(np.array_equal(getattr(first, f), getattr(stats, f))
-                           for f in ("kld", "top1", "nll_base", "nll_test", "dp"))
+                same = all(np.array_equal(getattr(first, f.name), getattr(stats, f.name)) for f in fields(stats))
                 table.append({"vocab": vocab_name, "n_vocab": n_vocab, "block_rows": rows, "threads": n_threads,
                               "median_s": statistics.median(times), "identical": same})
                 progress(f"token_stats {vocab_name} block_rows {rows} threads {n_threads}: "

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from harness.bench import logged_buffer_mib
 from harness.reference import parse_layers
 
 pytestmark = pytest.mark.native
@@ -198,12 +199,6 @@ def test_harness_model_prints_a_ready_path(build):
     assert path.endswith("model.gguf") and open(path, "rb").read(4) == b"GGUF"
 
 
-def cpu_compute_buffer_mib(stderr: str) -> float:
-    sizes = re.findall(r"CPU compute buffer size is\s+([0-9.]+) MiB", stderr)
-    assert sizes, "libllama logged no CPU compute buffer size"
-    return float(sizes[-1])
-
-
 @pytest.mark.parametrize("fmt", ["bf16", "q8_0"])
 def test_fake_quant_adds_no_compute_buffer(build, q4_1, fmt):
     """Each CPU site writes over its tensor, and ggml's allocator still frees that tensor after its
@@ -212,6 +207,8 @@ def test_fake_quant_adds_no_compute_buffer(build, q4_1, fmt):
     def buffer(*flags: str) -> float:
         result = run(build, "llama-completion", "-m", q4_1, "-p", "hi", "-n", "1", "-no-cnv", "-c", "512", "-v", *flags)
         assert result.returncode == 0, result.stderr[-2000:]
-        return cpu_compute_buffer_mib(result.stderr)
+        size = logged_buffer_mib(result.stderr.splitlines())
+        assert size is not None, "libllama logged no CPU compute buffer size"
+        return size
 
     assert buffer("--fake-quant-ffn-norm", fmt) == buffer()
