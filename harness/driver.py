@@ -186,8 +186,9 @@ class Model:
     def is_eog(self, token: int) -> bool:
         return bool(_llama.llama_vocab_is_eog(self.vocab, token))
 
-    def context(self, n_ctx: int = 512, threads: int | None = None, tensor_hook: TensorHook | None = None) -> Context:
-        return Context(self, n_ctx, threads or default_threads(), tensor_hook)
+    def context(self, n_ctx: int = 512, threads: int | None = None, tensor_hook: TensorHook | None = None,
+                sequences: int = 1) -> Context:
+        return Context(self, n_ctx, threads or default_threads(), tensor_hook, sequences)
 
     def close(self) -> None:
         if self.ptr:
@@ -196,7 +197,11 @@ class Model:
 
 
 class Context:
-    """A llama_context with n_ctx positions, one sequence, logits for every position.
+    """A llama_context with n_ctx positions per sequence, logits for every position.
+
+    With `sequences` > 1 each sequence gets its own KV cache stream (kv_unified off), so a
+    sequence's attention reads only its own cells: what one sequence computes cannot depend on
+    what another holds (used by `generate_many`).
 
     With `tensor_hook`, libllama's eval callback hands each computed F32 tensor the hook wants
     to it as a writable array (its strides, views included), before later nodes read it: the hook
@@ -204,16 +209,19 @@ class Context:
     memory is read with ggml_backend_tensor_get and written back with ggml_backend_tensor_set.
     """
 
-    def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None) -> None:
+    def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None,
+                 sequences: int = 1) -> None:
         llama = _llama
         self.model = model
         self.n_ctx = n_ctx
         self.threads = threads
+        self.sequences = sequences
         params = llama.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx * sequences
         params.n_batch = n_ctx
         params.n_ubatch = n_ctx
-        params.n_seq_max = 1
+        params.n_seq_max = sequences
+        params.kv_unified = False
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
@@ -226,7 +234,7 @@ class Context:
         if not self.ptr:
             raise HarnessError(f"libllama could not create a context:\n{''.join(_log_lines[-5:])}")
         self.memory = llama.llama_get_memory(self.ptr)
-        self.batch = llama.llama_batch_init(n_ctx, 0, 1)
+        self.batch = llama.llama_batch_init(max(n_ctx, sequences), 0, 1)
         self.rules: tuple[FakeQuantRule, ...] = ()
         self.compute_seconds = 0.0  # wall time spent inside llama_decode
 
@@ -302,18 +310,21 @@ class Context:
 
     # evaluation -------------------------------------------------------------------------
 
-    def _decode(self, tokens: Sequence[int], start: int, first_output: int) -> None:
-        """Decode `tokens` at positions start.. with logits for batch rows first_output.."""
+    def _decode(self, tokens: Sequence[int], start: int | Sequence[int], first_output: int, seq: int = 0) -> None:
+        """Decode `tokens`, with logits for batch rows first_output..: in sequence `seq` at
+        positions start.., or (start a list) token i in sequence i at position start[i]."""
         llama = _llama
         batch = self.batch
         n = len(tokens)
-        if start + n > self.n_ctx:
-            raise HarnessError(f"{start + n} positions exceed the context size {self.n_ctx}")
-        for i, tok in enumerate(tokens):
+        one_sequence = isinstance(start, int)
+        positions = range(start, start + n) if one_sequence else start
+        if max(positions) + 1 > self.n_ctx:
+            raise HarnessError(f"{max(positions) + 1} positions exceed the context size {self.n_ctx}")
+        for i, (tok, pos) in enumerate(zip(tokens, positions, strict=True)):
             batch.token[i] = tok
-            batch.pos[i] = start + i
+            batch.pos[i] = pos
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            batch.seq_id[i][0] = seq if one_sequence else i
             batch.logits[i] = i >= first_output
         batch.n_tokens = n
         started = time.perf_counter()
@@ -335,34 +346,62 @@ class Context:
     def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
         """Greedy continuation (seed None) or seeded sampling with llama-completion's default
         chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8, then draw with `seed`)."""
+        return self.generate_many([prompt], n_predict, [seed])[0]
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], n_predict: int,
+                      seeds: Sequence[int | None]) -> list[list[int]]:
+        """`generate` for each prompt, decoded together: each prompt is evaluated alone in its own
+        sequence, then each step decodes the next token of every sequence in one batch. A sequence
+        that has ended keeps being fed, so the batch (and the kernels it selects) stays the same
+        whenever the others end: with a KV stream per sequence, each continuation's bits depend on
+        its own prompt and on how many prompts share the batch, not on the other prompts."""
         llama = _llama
+        if not 0 < len(prompts) <= self.sequences or len(seeds) != len(prompts):
+            raise HarnessError(f"{len(prompts)} prompts and {len(seeds)} seeds for a context of "
+                               f"{self.sequences} sequences (one seed or None per prompt)")
         llama.llama_memory_clear(self.memory, True)
-        chain = None
-        if seed is not None:
-            chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
-            for s in (llama.llama_sampler_init_top_k(40), llama.llama_sampler_init_top_p(0.95, 1),
-                      llama.llama_sampler_init_min_p(0.05, 1), llama.llama_sampler_init_temp(0.8),
-                      llama.llama_sampler_init_dist(seed)):
-                llama.llama_sampler_chain_add(chain, s)
-        out: list[int] = []
+        chains = [self._sampler(seed) for seed in seeds]
+        outs: list[list[int]] = [[] for _ in prompts]
+        ended = [False] * len(prompts)
         try:
-            self._decode(prompt, 0, len(prompt) - 1)
-            pos = len(prompt)
-            for _ in range(n_predict):
-                if chain is None:
-                    row = np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ptr, -1), shape=(self.model.n_vocab,))
-                    tok = int(np.argmax(row))
-                else:
-                    tok = int(llama.llama_sampler_sample(chain, self.ptr, -1))
-                if self.model.is_eog(tok):
+            step_tokens = []
+            for i, prompt in enumerate(prompts):
+                self._decode(prompt, 0, len(prompt) - 1, seq=i)
+                step_tokens.append(self._pick(chains[i], -1))
+            for step in range(n_predict):
+                for i, tok in enumerate(step_tokens):
+                    ended[i] = ended[i] or self.model.is_eog(tok)
+                    if not ended[i]:
+                        outs[i].append(tok)
+                if all(ended) or step == n_predict - 1:
                     break
-                out.append(tok)
-                self._decode([tok], pos, 0)
-                pos += 1
+                self._decode(step_tokens, [len(p) + step for p in prompts], 0)
+                step_tokens = [self._pick(chain, i) for i, chain in enumerate(chains)]
         finally:
-            if chain is not None:
-                llama.llama_sampler_free(chain)
-        return out
+            for chain in chains:
+                if chain is not None:
+                    llama.llama_sampler_free(chain)
+        return outs
+
+    @staticmethod
+    def _sampler(seed: int | None):
+        """llama-completion's default sampling chain drawing with `seed`; None: greedy (argmax)."""
+        if seed is None:
+            return None
+        llama = _llama
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+        for s in (llama.llama_sampler_init_top_k(40), llama.llama_sampler_init_top_p(0.95, 1),
+                  llama.llama_sampler_init_min_p(0.05, 1), llama.llama_sampler_init_temp(0.8),
+                  llama.llama_sampler_init_dist(seed)):
+            llama.llama_sampler_chain_add(chain, s)
+        return chain
+
+    def _pick(self, chain, row: int) -> int:
+        """The next token from the logits of output row `row` (-1: the last)."""
+        if chain is not None:
+            return int(_llama.llama_sampler_sample(chain, self.ptr, row))
+        logits = _llama.llama_get_logits_ith(self.ptr, row)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.model.n_vocab,))))
 
     def close(self) -> None:
         if self.ptr:

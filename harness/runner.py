@@ -102,6 +102,10 @@ class ModelSession:
         self.ctx: Context = self.model.context(matrix.N_CTX)
         self.capture = Capture(r"(ffn_out|l_out)-\d+|ffn_norm-\d+(\.fq)?")
         self.capture_ctx: Context = self.model.context(NUMERICS_TOKENS, tensor_hook=self.capture)
+        # every continuation in one batch, each in its own KV stream (Context.generate_many)
+        longest = max(len(self.model.tokenize(text)) for _, _, text in (*GENERATION_PROMPTS, SEEDED_PROMPT))
+        self.generation_ctx: Context = self.model.context(longest + matrix.GENERATION_TOKENS,
+                                                          sequences=len(GENERATION_PROMPTS) + 1)
         self.groups = {g.id: g for g in matrix.groups(self.model.n_layer)}
 
     @cached_property
@@ -127,7 +131,8 @@ class ModelSession:
 
     @cached_property
     def baseline_dir(self) -> Path:
-        """Logits of every scored position and task, and the generated continuations, with no fake quantization."""
+        """Logits of every scored position and task, the generated continuations and the
+        numerics' per-layer tensors, with no fake quantization."""
         def make(tmp: Path) -> None:
             self.ctx.set_fake_quant([])
             for i, chunk in enumerate(self.chunks):
@@ -137,6 +142,7 @@ class ModelSession:
             for i, task in enumerate(self.tasks):
                 np.save(tmp / f"task{i:03d}.npy", self._task_logits(task))
             (tmp / "generation.json").write_text(json.dumps({g["id"]: g["tokens"] for g in self._generate()}))
+            np.savez(tmp / "numerics.npz", **self._capture([]))
 
         return publish(cache_root() / "baselines" / f"{self.name}-{self._tag(self.key)}", make)
 
@@ -176,8 +182,9 @@ class ModelSession:
     def _measure(self, group: matrix.Group) -> tuple[dict, dict[str, np.ndarray]]:
         base_dir = self.baseline_dir  # before the clock starts: it is shared by every group
         started = time.perf_counter()
-        compute_before = self.ctx.compute_seconds + self.capture_ctx.compute_seconds
+        compute_before = self.compute_seconds
         self.ctx.set_fake_quant(list(group.rules))
+        self.generation_ctx.set_fake_quant(list(group.rules))
         try:
             sites = 0
             parts = []
@@ -204,8 +211,9 @@ class ModelSession:
                                                     self.model.n_layer)
         finally:
             self.ctx.set_fake_quant([])
+            self.generation_ctx.set_fake_quant([])
         wall = time.perf_counter() - started
-        compute = self.ctx.compute_seconds + self.capture_ctx.compute_seconds - compute_before
+        compute = self.compute_seconds - compute_before
         record["timing"] = {"wall_s": round(wall, 3), "compute_s": round(compute, 3)}
         return record, arrays
 
@@ -227,12 +235,12 @@ class ModelSession:
 
     def _generate(self) -> list[dict]:
         """Greedy continuations of the fixed prompts and the design's seeded scenario."""
-        out = []
-        for (pid, kind, prompt), seed in [(p, None) for p in GENERATION_PROMPTS] + [(SEEDED_PROMPT, matrix.SEED)]:
-            tokens = self.ctx.generate(self.model.tokenize(prompt), matrix.GENERATION_TOKENS, seed=seed)
-            out.append({"id": pid, "kind": kind, "sampling": "greedy" if seed is None else f"seed {seed}",
-                        "prompt": prompt, "tokens": tokens, "text": self.model.detokenize(tokens)})
-        return out
+        cases = [(p, None) for p in GENERATION_PROMPTS] + [(SEEDED_PROMPT, matrix.SEED)]
+        continuations = self.generation_ctx.generate_many([self.model.tokenize(prompt) for (_, _, prompt), _ in cases],
+                                                          matrix.GENERATION_TOKENS, [seed for _, seed in cases])
+        return [{"id": pid, "kind": kind, "sampling": "greedy" if seed is None else f"seed {seed}",
+                 "prompt": prompt, "tokens": tokens, "text": self.model.detokenize(tokens)}
+                for ((pid, kind, prompt), seed), tokens in zip(cases, continuations, strict=True)]
 
     def _generation(self, base_dir: Path) -> list[dict]:
         """This group's continuations, each compared with the baseline's (recorded when the
@@ -243,7 +251,8 @@ class ModelSession:
     @cached_property
     def baseline_tensors(self) -> dict[str, np.ndarray]:
         """ffn_out-N and l_out-N without fake quantization (the numerics' reference)."""
-        return self._capture([])
+        with np.load(self.baseline_dir / "numerics.npz") as data:
+            return {name: data[name] for name in data.files}
 
     def _capture(self, rules: list) -> dict[str, np.ndarray]:
         self.capture.tensors.clear()
@@ -254,7 +263,13 @@ class ModelSession:
             self.capture_ctx.set_fake_quant([])
         return dict(self.capture.tensors)
 
+    @property
+    def compute_seconds(self) -> float:
+        """Wall time spent inside llama_decode by this session's contexts."""
+        return sum(c.compute_seconds for c in (self.ctx, self.capture_ctx, self.generation_ctx))
+
     def close(self) -> None:
         self.ctx.close()
         self.capture_ctx.close()
+        self.generation_ctx.close()
         self.model.close()

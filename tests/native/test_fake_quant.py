@@ -175,6 +175,45 @@ def test_thread_count_does_not_change_bits(models):
     np.testing.assert_array_equal(bits(results[0]), bits(results[1]))
 
 
+@pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-q4_k_m", "gemma3-f32"])
+def test_each_continuation_of_a_batch_depends_only_on_its_own_prompt(models, model):
+    """generate_many (the matrix's continuations) decodes the prompts together, each in its own KV
+    stream: a continuation is the same whichever prompts share its batch and in whatever order,
+    and an ended sequence keeps its slot. Checked on every matrix model: Gemma 3 Q4_K_M's
+    kernels differ between 1 and 8 rows, so there the batch size itself matters (second half)."""
+    from harness.corpus import GENERATION_PROMPTS, SEEDED_PROMPT
+
+    m = models[model]
+    prompts = [m.tokenize(text) for _, _, text in (*GENERATION_PROMPTS, SEEDED_PROMPT)]
+    seeds = [None] * len(GENERATION_PROMPTS) + [42]
+    ctx = m.context(128, sequences=len(prompts))
+    ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+    try:
+        forward = ctx.generate_many(prompts, 50, seeds)
+        backward = ctx.generate_many(prompts[::-1], 50, seeds[::-1])[::-1]
+        # the first prompt beside copies of another prompt: other neighbours, same batch size
+        alone = ctx.generate_many([prompts[0]] + [prompts[1]] * (len(prompts) - 1), 50, [None] * len(prompts))
+    finally:
+        ctx.close()
+    assert forward == backward
+    assert alone[0] == forward[0] and all(a == forward[1] for a in alone[1:])
+    assert any(len(tokens) < 50 for tokens in forward) or model != "smollm2-q4_1", "no sequence ended early"
+
+
+def test_generate_many_rejects_more_prompts_than_sequences(models):
+    from harness.cache import HarnessError
+
+    m = models["smollm2-q4_1"]
+    ctx = m.context(64, sequences=2)
+    try:
+        with pytest.raises(HarnessError, match="3 prompts and 3 seeds for a context of 2 sequences"):
+            ctx.generate_many([[1], [2], [3]], 4, [None] * 3)
+        with pytest.raises(HarnessError, match="exceed the context size 64"):
+            ctx.generate_many([[1] * 60], 10, [None])
+    finally:
+        ctx.close()
+
+
 # the names the llama builder gives each layer's computed F32 activations, in graph order
 LAYER_NAMES = "norm, attn_norm, Qcur, Vcur, Kcur, kqv_out, attn_out, ffn_inp, ffn_norm, ffn_gate, ffn_up, ffn_swiglu, ffn_out, l_out"
 
