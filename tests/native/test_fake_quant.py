@@ -163,6 +163,30 @@ def test_masking_trap_f16_weights(pairs):
     assert not np.array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "bf16")])), bits(pair.baseline))
 
 
+@pytest.mark.parametrize(("model", "logits_finite"), [("gemma3-q4_k_m", True), ("gemma3-f32", False)])
+def test_f16_overflow_of_gemma3_residual_stays_finite_only_behind_q8_k(models, model, logits_finite):
+    """Why the atlas finds f16 at Gemma 3's `l_out` finite on Q4_K_M (KLD 0.22) but non-finite on
+    F32: the residual at the BOS token exceeds f16's 65,504 by layer 9, so rounding gives inf and
+    the next RMS norm NaN. An F32 matmul spreads the NaN through attention to every row; a Q4_K
+    matmul first quantizes its input row to Q8_K, whose max search skips NaN and whose integer
+    conversion turns it into a finite value, so the wrong row stays finite."""
+    from harness.corpus import load_corpus
+
+    m = models[model]
+    tokens = m.tokenize(load_corpus().text[:4000])[:128]
+    capture = Capture(r"l_out-9|attn_norm-10|Kcur-10")
+    ctx = m.context(128, tensor_hook=capture)
+    ctx.set_fake_quant([FakeQuantRule("l_out", "f16", "9")])
+    try:
+        logits = ctx.logits(tokens)
+    finally:
+        ctx.close()
+    assert np.abs(capture.tensors["l_out-9"][0]).max() > 65504  # seen before the rounding
+    assert np.isnan(capture.tensors["attn_norm-10"][0]).any()
+    assert np.isfinite(capture.tensors["Kcur-10"]).all() == logits_finite
+    assert np.isfinite(logits).all() == logits_finite
+
+
 def test_thread_count_does_not_change_bits(models):
     model = models["smollm2-q4_1"]
     tokens = model.tokenize(TEXT)[:N_CTX]
