@@ -188,15 +188,24 @@ def test_f16_overflow_of_gemma3_residual_stays_finite_only_behind_q8_k(models, m
 
 
 def test_thread_count_does_not_change_bits(models):
+    """Logits and batched continuations (serial runs use every core, xdist workers one each)."""
+    from harness.corpus import GENERATION_PROMPTS
+
     model = models["smollm2-q4_1"]
     tokens = model.tokenize(TEXT)[:N_CTX]
-    results = []
+    prompts = [model.tokenize(text) for _, _, text in GENERATION_PROMPTS]
+    results, continuations = [], []
     for threads in (1, 2):
         ctx = model.context(N_CTX, threads=threads)
         ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
         results.append(ctx.logits(tokens))
         ctx.close()
+        ctx = model.context(96, threads=threads, sequences=len(prompts))
+        ctx.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+        continuations.append(ctx.generate_many(prompts, 50, [None] * len(prompts)))
+        ctx.close()
     np.testing.assert_array_equal(bits(results[0]), bits(results[1]))
+    assert continuations[0] == continuations[1]
 
 
 @pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-q4_k_m", "gemma3-f32"])
