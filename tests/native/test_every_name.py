@@ -10,15 +10,14 @@ import os
 
 import numpy as np
 import pytest
+from native_pair import TEXT, Pair, bits
 
 from harness.driver import FakeQuantRule
-from harness.reference import Capture, ReferenceFakeQuant
+from harness.reference import Capture
 from harness.rounding import fake_quantize
 
 pytestmark = pytest.mark.native
 
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
-        "the third introduced special relativity. 17 + 25 = 42, and 6 * 7 = 42 as well.")
 N_CTX = 64
 MODELS = ("smollm2-f32", "smollm2-q4_1", "gemma3-q4_k_m")
 # every name of the pp graph of each model (from llama_fake_quant_list); a test below checks that the
@@ -30,10 +29,6 @@ NAMES = {
 NAMES["smollm2-q4_1"] = NAMES["smollm2-f32"]
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint32)
-
-
 @pytest.fixture(params=["fused", "portable"])
 def impl(request, monkeypatch):
     """Which nodes libllama builds: the fused CPU node, or the casts and copies GPU backends get
@@ -42,35 +37,9 @@ def impl(request, monkeypatch):
     return request.param
 
 
-class Pair:
-    """A native context and a reference context on one model, and the baseline logits."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.tokens = model.tokenize(TEXT)[:N_CTX]
-        self.native = model.context(N_CTX)
-        self.hook = ReferenceFakeQuant([], model.n_layer)
-        self.ref = model.context(N_CTX, tensor_hook=self.hook)
-        self.baseline = self.native.logits(self.tokens)
-        self.targets = self.native.fake_quant_targets()
-
-    def compare(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """(native logits, reference logits, native sites, reference count) for positions first.."""
-        self.native.set_fake_quant(rules)
-        self.hook.set_rules(rules)
-        try:
-            native = self.native.logits(self.tokens, first)
-            sites = self.native.fake_quant_sites
-            reference = self.ref.logits(self.tokens, first)
-            return native, reference, sites, self.hook.applied
-        finally:
-            self.native.set_fake_quant([])
-            self.hook.set_rules([])
-
-
 @pytest.fixture(scope="module")
 def pairs(lazy_pairs):
-    return lambda name: lazy_pairs(name, Pair)
+    return lambda name: lazy_pairs(name, lambda model: Pair(model, N_CTX))
 
 
 @pytest.mark.parametrize("model", MODELS)

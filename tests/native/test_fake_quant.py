@@ -7,15 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from native_pair import TEXT, Pair, bits
 
 from harness.driver import FakeQuantError, FakeQuantRule
-from harness.reference import Capture, ReferenceFakeQuant
+from harness.reference import Capture
 from harness.rounding import fake_quantize, representable
 
 pytestmark = pytest.mark.native
-
-TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
-        "the third introduced special relativity. 17 + 25 = 42, and 6 * 7 = 42 as well.")
 
 N_CTX = 96
 # fake-quant selections; layer specs refer to SmolLM2's 30 layers
@@ -35,41 +33,9 @@ def rules_for(selection: str, fmt: str) -> list[FakeQuantRule]:
     return [FakeQuantRule(r.target, r.fmt.format(fmt=fmt), r.layers, r.scale) for r in SELECTIONS[selection]]
 
 
-def bits(a: np.ndarray) -> np.ndarray:
-    return a.view(np.uint32)
-
-
-class Pair:
-    """A native context and a reference context (eval callback) on the same model."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-        self.tokens = model.tokenize(TEXT)[:N_CTX]
-        self.native = model.context(N_CTX)
-        self.hook = ReferenceFakeQuant([], model.n_layer)
-        self.ref = model.context(N_CTX, tensor_hook=self.hook)
-        self.native.set_fake_quant([])
-        self.baseline = self.native.logits(self.tokens)
-
-    def native_logits(self, rules: list[FakeQuantRule]) -> np.ndarray:
-        self.native.set_fake_quant(rules)
-        try:
-            return self.native.logits(self.tokens)
-        finally:
-            self.native.set_fake_quant([])
-
-    def reference_logits(self, rules: list[FakeQuantRule]) -> tuple[np.ndarray, int]:
-        """The reference's logits and how many tensors it rounded."""
-        self.hook.set_rules(rules)
-        try:
-            return self.ref.logits(self.tokens), self.hook.applied
-        finally:
-            self.hook.set_rules([])
-
-
 @pytest.fixture(scope="module")
 def pairs(lazy_pairs):
-    return lambda name: lazy_pairs(name, Pair)
+    return lambda name: lazy_pairs(name, lambda model: Pair(model, N_CTX))
 
 
 @pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32"])
