@@ -254,7 +254,7 @@ def store_key(session: ModelSession, max_chunks: int) -> dict[str, str]:
 
 def store_for(session: ModelSession, max_chunks: int, root: Path | None = None) -> PointStore:
     root = root or cache_root() / "atlas"
-    return PointStore(root / f"{session.name}-{ModelSession._tag(store_key(session, max_chunks))}")
+    return PointStore(root / session.entry_name(store_key(session, max_chunks)))
 
 
 def eta_text(elapsed: float, measured: int, todo: int) -> str:

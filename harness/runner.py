@@ -127,6 +127,13 @@ class ModelSession:
     def _tag(key: dict) -> str:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
+    def entry_name(self, key: dict, part: str = "") -> str:
+        """A cache entry's directory name: the model's label, `part`, and the tag of `key`. The
+        label (matrix.model_label: a file's stem for a model given as a path) keeps the entry in
+        the cache, where a path would place it beside the model file; two files of one name differ
+        in their sha256, which is in every key."""
+        return "-".join(x for x in (matrix.model_label(self.name), part, self._tag(key)) if x)
+
     # baseline -------------------------------------------------------------------------------
 
     @cached_property
@@ -144,7 +151,7 @@ class ModelSession:
             (tmp / "generation.json").write_text(json.dumps({g["id"]: g["tokens"] for g in self._generate()}))
             np.savez(tmp / "numerics.npz", **self._capture([]))
 
-        return publish(cache_root() / "baselines" / f"{self.name}-{self._tag(self.key)}", make)
+        return publish(cache_root() / "baselines" / self.entry_name(self.key), make)
 
     def _scored_logits(self, chunk: list[int], copy: bool = True) -> np.ndarray:
         """Logits of the scored positions SCORED_FROM..N_CTX-2 (each predicts the next token)."""
@@ -164,7 +171,7 @@ class ModelSession:
     def result_dir(self, group_id: str) -> Path:
         group = self.groups[group_id]
         key = dict(self.key, group=json.dumps(asdict(group), sort_keys=True))
-        return cache_root() / "results" / f"{self.name}-{group_id}-{self._tag(key)}"
+        return cache_root() / "results" / self.entry_name(key, group_id)
 
     def run(self, group_id: str) -> tuple[dict, dict[str, np.ndarray]]:
         """The group's record and per-token arrays, measured once and published atomically

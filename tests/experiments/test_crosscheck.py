@@ -81,7 +81,7 @@ def test_llama_perplexity_agrees(sessions, model, group_id, record_property):
     session = sessions[model]
     text = publish(cache_root() / "corpus" / session.corpus.sha256[:16],
                    lambda tmp: (tmp / "corpus.txt").write_text(session.corpus.text, encoding="utf-8")) / "corpus.txt"
-    base = publish(cache_root() / "xcheck" / f"{model}-{session.baseline_dir.name}",
+    base = publish(cache_root() / "xcheck" / session.baseline_dir.name,
                    lambda tmp: tool(session, "-f", str(text), "--kl-divergence-base", str(tmp / "base.kld")))
     out = tool(session, "--kl-divergence-base", str(base / "base.kld"), "--kl-divergence", *FLAGS[group_id])
     tool_kld = float(re.search(r"Mean\s+KLD:\s+(\S+)", out).group(1))
