@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import time
 from collections.abc import Callable, Mapping
 from itertools import combinations
@@ -24,11 +25,21 @@ from filelock import FileLock
 
 from harness import intervals, matrix
 from harness.cache import cache_root, cpu_model
+from harness.corpus import CORPUS_ENV
+from harness.models import USER_MODEL_ENV
 
 RESULTS_ENV = "FQ_RESULTS"
 DEFAULT_RESULTS = Path("report") / "results.json"
 RECORDED_DIR = Path(__file__).resolve().parents[1] / "tests" / "snapshots" / "verdicts"
 RECORD_COMMAND = "pytest tests/experiments -n 2 --snapshot-update"
+
+
+def record_command() -> str:
+    """RECORD_COMMAND with the settings that chose what was measured (models, user model, corpus),
+    so the command records this run's models, not the default ones."""
+    settings = [f"{env}={shlex.quote(os.environ[env])}" for env in (matrix.MODELS_ENV, USER_MODEL_ENV, CORPUS_ENV)
+                if os.environ.get(env)]
+    return " ".join([*settings, RECORD_COMMAND])
 
 GroupData = Callable[[str], tuple[dict, dict[str, np.ndarray]]]  # group id -> (record, arrays)
 
@@ -86,7 +97,7 @@ def recorded_verdicts(label: str) -> dict[str, dict]:
         data = json.loads(path.read_text())
         return dict(data["verdicts"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"recorded verdicts {path} are malformed ({exc}): re-record with {RECORD_COMMAND}") from None
+        raise ValueError(f"recorded verdicts {path} are malformed ({exc}): re-record with {record_command()}") from None
 
 
 def record_verdict(label: str, verdict: dict, build_key: str) -> None:
@@ -237,7 +248,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
             "statistics": {"method": "circular block bootstrap, Politis-White block length (arch)",
                            "resamples": intervals.RESAMPLES, "confidence": intervals.CONFIDENCE,
                            "family_level": intervals.FAMILY_LEVEL, "correction": "Holm", "seed": intervals.SEED,
-                           "record_command": RECORD_COMMAND},
+                           "record_command": record_command()},
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
         "models": models, "groups": groups, "verdicts": verdicts, "across_models": across_models(models, recorded),

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
-from harness.verdicts import RECORD_COMMAND
+from harness.verdicts import record_command
 
 SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
 FINGERPRINT_FILE = SNAPSHOTS / "FINGERPRINT.json"
@@ -99,7 +99,7 @@ def snapshot_json(snapshot, build, request) -> Callable[[object], None]:
         if reason is None and not file.exists():
             reason = f"no snapshot recorded for {request.node.name}"
         if reason is not None:
-            message = f"snapshot comparison not made: {reason}; review, then re-record with `{RECORD_COMMAND}`"
+            message = f"snapshot comparison not made: {reason}; review, then re-record with `{record_command()}`"
             if in_ci():
                 pytest.fail(f"CI=true: {message}", pytrace=False)
             pytest.skip(message)

@@ -8,7 +8,7 @@ import pytest
 
 from harness import matrix
 from harness.reference import parse_layers
-from harness.verdicts import RECORD_COMMAND, family, figures, record_verdict, recorded_path, recorded_verdicts
+from harness.verdicts import family, figures, record_command, record_verdict, recorded_path, recorded_verdicts
 
 pytestmark = [pytest.mark.native, pytest.mark.experiment]
 
@@ -84,7 +84,7 @@ def test_hypothesis(families, build, request, ci, hypothesis_id, model):
     recorded = recorded_verdicts(label).get(hypothesis_id)
     if recorded is None:  # a new model: say what was measured and how to record it (CI=true: fail)
         message = (f"no verdict recorded for {hypothesis_id} on {label} ({recorded_path(label)}); measured "
-                   f"{measured}: {figures(verdict)}. Record it with `{RECORD_COMMAND}`")
+                   f"{measured}: {figures(verdict)}. Record it with `{record_command()}`")
         if ci:
             pytest.fail(f"CI=true: {message}", pytrace=False)
         pytest.skip(message)

@@ -27,7 +27,7 @@ from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
 from harness.metrics import token_stats
 from harness.reference import parse_layers as reference_parse_layers
-from harness.runner import code_version, result_modules
+from harness.runner import ModelSession, code_version, result_modules
 
 N_LAYER = 4
 EVERY = tuple(range(N_LAYER))
@@ -166,7 +166,9 @@ def test_store_key_covers_the_atlas_code_and_the_rule_but_not_the_report(tmp_pat
     assert {"atlas", "runner", "intervals", "metrics", "driver"} <= set(modules)
     assert "atlas_report" not in modules and "report" not in modules  # a caption change keeps the points
     assert code_version("atlas") != code_version()
-    session = SimpleNamespace(name="m", key={"model": "abc", "build": "k"})
+    # a model given as a path: its stores are named by the file's stem, inside the root
+    session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"}, _tag=ModelSession._tag)
+    session.entry_name = partial(ModelSession.entry_name, session)
     key = atlas.store_key(session, 4)
     assert key["atlas_code"] == code_version("atlas") and key["model"] == "abc"
     dirs = {atlas.store_for(session, n, tmp_path).directory for n in (1, 4)}

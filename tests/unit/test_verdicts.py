@@ -146,3 +146,14 @@ def test_across_models_reads_metadata_not_names():
     assert got["finding"] == "architecture" and got["differs"]["architecture"] == [["smollm2-q4_1", "smollm2-f32"]]
     named["smollm2-f32"] = {"arch": "llama", "weight_type": "F32"}
     assert across(recorded, named)["H1"]["finding"] == "weight format"
+
+
+def test_record_command_carries_the_settings_that_chose_the_models(monkeypatch):
+    for env in ("FQ_EXPERIMENT_MODELS", "FQ_MODEL", "FQ_CORPUS"):
+        monkeypatch.delenv(env, raising=False)
+    assert verdicts.record_command() == verdicts.RECORD_COMMAND
+    monkeypatch.setenv("FQ_EXPERIMENT_MODELS", "user,smollm2-f32")
+    monkeypatch.setenv("FQ_MODEL", "/my models/tiny.gguf")
+    monkeypatch.setenv("FQ_CORPUS", "/texts/a.txt")
+    assert verdicts.record_command() == ("FQ_EXPERIMENT_MODELS=user,smollm2-f32 FQ_MODEL='/my models/tiny.gguf' "
+                                         f"FQ_CORPUS=/texts/a.txt {verdicts.RECORD_COMMAND}")
