@@ -82,23 +82,35 @@ def _row_dots(e: np.ndarray, x: np.ndarray, m: int) -> np.ndarray:
 def _block_stats(b: np.ndarray, t: np.ndarray, tgt: np.ndarray, start: int, ws: _Workspace) -> TokenStats:
     """One block of rows. KLD = sum p_b (log p_b - log p_t) = [sum e_b (x_b - x_t)] / s_b - log s_b
     + log s_t with x the rows in float64 minus their max, e = exp(x), s = sum(e): one fused
-    product instead of two log-softmaxes."""
-    if not (np.isfinite(b).all() and np.isfinite(t).all()):
-        raise ValueError(f"non-finite logits in rows {start}..{start + len(b) - 1}")
+    product instead of two log-softmaxes.
+
+    Each pass over a row counts (Gemma 3's rows have 262,144 entries), so the rows' maxima are read
+    at their argmax (needed for top-1 anyway) and finiteness is checked on what the arithmetic
+    gives, not by two passes of isfinite: a NaN or +inf is its row's argmax, so the maximum is not
+    finite; a -inf in a finite row makes the KLD non-finite (0 * -inf in the base row, an infinite
+    or NaN term in the test row); finite rows give finite maxima and KLDs. So the check below
+    refuses exactly the blocks with a non-finite logit."""
     m = len(b)
-    # a float32 row's max is exact in float64, so subtracting it after the cast equals
-    # casting, then subtracting the float64 row's max
-    xb = np.subtract(b, b.max(axis=1, keepdims=True), out=ws.xb[:m], dtype=np.float64)
-    xt = np.subtract(t, t.max(axis=1, keepdims=True), out=ws.xt[:m], dtype=np.float64)
-    eb = np.exp(xb, out=ws.eb[:m])
-    sb, st = eb.sum(axis=1), np.exp(xt, out=ws.et[:m]).sum(axis=1)
     idx = np.arange(m)
-    lb = xb[idx, tgt] - np.log(sb)
-    lt = xt[idx, tgt] - np.log(st)
-    xb -= xt
-    kld = _row_dots(ws.eb, ws.xb, m) / sb - np.log(sb) + np.log(st)
-    return TokenStats(kld=kld, top1=b.argmax(axis=1) == t.argmax(axis=1), nll_base=-lb, nll_test=-lt,
-                      dp=np.exp(lt) - np.exp(lb))
+    arg_b, arg_t = b.argmax(axis=1), t.argmax(axis=1)
+    max_b, max_t = b[idx, arg_b], t[idx, arg_t]
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are refused below
+        # the rows cast to float64, then their max subtracted (exact in float64): the bits of a
+        # mixed-type subtract at about half its cost
+        xb, xt = ws.xb[:m], ws.xt[:m]
+        np.copyto(xb, b)
+        np.copyto(xt, t)
+        xb -= max_b[:, None].astype(np.float64)
+        xt -= max_t[:, None].astype(np.float64)
+        eb = np.exp(xb, out=ws.eb[:m])
+        sb, st = eb.sum(axis=1), np.exp(xt, out=ws.et[:m]).sum(axis=1)
+        lb = xb[idx, tgt] - np.log(sb)
+        lt = xt[idx, tgt] - np.log(st)
+        xb -= xt
+        kld = _row_dots(ws.eb, ws.xb, m) / sb - np.log(sb) + np.log(st)
+    if not (np.isfinite(max_b).all() and np.isfinite(max_t).all() and np.isfinite(kld).all()):
+        raise ValueError(f"non-finite logits in rows {start}..{start + m - 1}")
+    return TokenStats(kld=kld, top1=arg_b == arg_t, nll_base=-lb, nll_test=-lt, dp=np.exp(lt) - np.exp(lb))
 
 
 def token_stats(

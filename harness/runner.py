@@ -162,9 +162,10 @@ class ModelSession:
         between two decodes (the bits do not depend on the thread count)."""
         return token_stats(base, test, targets, threads=self.ctx.threads)
 
-    def _task_logits(self, task: Task) -> np.ndarray:
-        """Logits of the positions that predict the task's continuation tokens."""
-        return self.ctx.logits(task.tokens, first=task.first - 1)[:-1]
+    def _task_logits(self, task: Task, copy: bool = True) -> np.ndarray:
+        """Logits of the positions that predict the task's continuation tokens (copy=False: a view,
+        valid until the next decode)."""
+        return self.ctx.logits(task.tokens, first=task.first - 1, copy=copy)[:-1]
 
     # one group ------------------------------------------------------------------------------
 
@@ -229,8 +230,8 @@ class ModelSession:
         the change of the answer's log-probability: the arrays H5 and the report's intervals use."""
         per_kind: dict[str, list[TokenStats]] = {"arithmetic": [], "text": []}
         for i, task in enumerate(self.tasks):
-            stats = self.token_stats(np.load(base_dir / f"task{i:03d}.npy"), self._task_logits(task),
-                                np.asarray(task.tokens[task.first:]))
+            base = np.load(base_dir / f"task{i:03d}.npy", mmap_mode="r")
+            stats = self.token_stats(base, self._task_logits(task, copy=False), np.asarray(task.tokens[task.first:]))
             per_kind[task.kind].append(stats)
         record: dict = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
         arrays = {f"task_kld_{kind}": np.array([s.kld.mean() for s in parts]) for kind, parts in per_kind.items()}

@@ -219,6 +219,43 @@ def test_rejects_non_finite_logits(threads):
         token_stats(logits, bad, np.zeros(6, dtype=np.int64), threads=threads)
 
 
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("side", ["base", "test"])
+def test_refuses_exactly_the_blocks_with_a_non_finite_logit(value, side):
+    """Finiteness is read from the maxima and the KLDs, not checked value by value: every position
+    of every row, on either side, with a finite row beside it that puts a probability of exactly 0
+    (exp underflow) under some logits, so 0 * inf cases are covered too."""
+    rows, v = 3, 5
+    base = np.array([[0, -800, 1, 2, -1], [3, 3, -1e30, 0, 1], [-2, -2, -2, -2, -2]], np.float32)
+    test = base + np.float32(0.25)
+    targets = np.zeros(rows, dtype=np.int64)
+    for block_rows in (1, 2):
+        assert len(token_stats(base, test, targets, block_rows=block_rows)) == rows
+        for i in range(rows):
+            for j in range(v):
+                b, t = base.copy(), test.copy()
+                (b if side == "base" else t)[i, j] = value
+                first = i // block_rows * block_rows
+                last = min(first + block_rows, rows) - 1
+                with pytest.raises(ValueError, match=rf"non-finite logits in rows {first}\.\.{last}$"):
+                    token_stats(b, t, targets, block_rows=block_rows)
+
+
+@SETTINGS
+@given(st.tuples(st.integers(1, 4), st.integers(2, 9)).flatmap(lambda shape: st.tuples(
+    hnp.arrays(np.float32, shape, elements=st.floats(width=32)),
+    hnp.arrays(np.float32, shape, elements=st.floats(width=32)))))
+def test_non_finite_is_refused_if_and_only_if_present(pair):
+    """Any float32 values, extremes and non-finite ones included."""
+    base, test = pair
+    targets = np.zeros(len(base), dtype=np.int64)
+    if np.isfinite(base).all() and np.isfinite(test).all():
+        assert np.isfinite(token_stats(base, test, targets).kld).all()
+    else:
+        with pytest.raises(ValueError, match="non-finite logits"):
+            token_stats(base, test, targets)
+
 # --- summarize ---------------------------------------------------------------------------
 
 
