@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import pytest
+from native_pair import Pair
 
 
 @pytest.fixture(scope="module")
-def lazy_pairs(models):
-    """get(name, make) -> make(model), made once per model name in this module; the pairs' native
-    and reference contexts are closed when the module is done."""
-    made: dict = {}
+def pairs(models, request):
+    """pairs(name) -> the model's native_pair.Pair at the module's N_CTX, made once per model in
+    this module; its native and reference contexts are closed when the module is done."""
+    made: dict[str, Pair] = {}
 
-    def get(name: str, make):
+    def get(name: str) -> Pair:
         if name not in made:
-            made[name] = make(models[name])
+            made[name] = Pair(models[name], request.module.N_CTX)
         return made[name]
 
     yield get

@@ -1,6 +1,6 @@
 """What the native tests share: a short text, a bit view for exact comparisons, and a Pair of
 contexts on one model (native fake quantization, and the eval-callback reference on the unmodified
-graph) that tests/native/conftest.py's `lazy_pairs` makes once per model and module."""
+graph) that tests/native/conftest.py's `pairs` makes once per model and module."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from native_pair import TEXT, Pair, bits
+from native_pair import TEXT, bits
 
 from harness.driver import FakeQuantRule
 from harness.reference import Capture
@@ -35,11 +35,6 @@ def impl(request, monkeypatch):
     (read by libllama at every graph build, so setting it here takes effect at the next rule change)."""
     monkeypatch.setenv("LLAMA_FAKE_QUANT_IMPL", request.param)
     return request.param
-
-
-@pytest.fixture(scope="module")
-def pairs(lazy_pairs):
-    return lambda name: lazy_pairs(name, lambda model: Pair(model, N_CTX))
 
 
 @pytest.mark.parametrize("model", MODELS)

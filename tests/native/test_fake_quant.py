@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from native_pair import TEXT, Pair, bits
+from native_pair import TEXT, bits
 
 from harness.driver import FakeQuantError, FakeQuantRule
 from harness.reference import Capture
@@ -31,11 +31,6 @@ SELECTIONS = {
 
 def rules_for(selection: str, fmt: str) -> list[FakeQuantRule]:
     return [FakeQuantRule(r.target, r.fmt.format(fmt=fmt), r.layers, r.scale) for r in SELECTIONS[selection]]
-
-
-@pytest.fixture(scope="module")
-def pairs(lazy_pairs):
-    return lambda name: lazy_pairs(name, lambda model: Pair(model, N_CTX))
 
 
 @pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32"])
