@@ -1,5 +1,5 @@
 """Command line: `python -m harness build | model NAME | targets NAME | archs | results | report | bench |
-atlas | advise`.
+atlas | advise | cache [prune] | measurement`.
 
 Progress goes to stderr; the last line of stdout is the result (a directory or a file path).
 """
@@ -44,6 +44,37 @@ def _results(args: argparse.Namespace) -> str:
         for session in sessions.values():
             session.close()
     return str(path)
+
+
+def _cache(args: argparse.Namespace) -> str:
+    """The cache by kind and size; `prune` deletes entries of other builds and measurement versions."""
+    from harness.cache_entries import describe, human, inventory, prune
+
+    entries = inventory()
+    if args.action == "list":
+        return describe(entries)
+    gone = prune(entries, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for e in gone:
+        print(f"[harness] {verb} {e.kind}/{e.path.name} ({human(e.bytes)}): {e.stale}", file=sys.stderr)
+    return f"{verb} {len(gone)} entries, {human(sum(e.bytes for e in gone))}"
+
+
+def _measurement(args: argparse.Namespace) -> str:
+    """The declared measurement versions and whether the code they were confirmed on is the code now."""
+    from harness import measurement
+
+    lines = []
+    for part in measurement.ROOTS:
+        last = measurement.latest(part)
+        state = "confirmed" if last.fingerprint == measurement.fingerprint(part) else "CHANGED since confirmed"
+        lines.append(f"{part}: version {measurement.version(part)}, code {measurement.fingerprint(part)} ({state}; "
+                     f"{len(measurement.modules(part))} modules)")
+    problems = measurement.unconfirmed()
+    if problems:
+        lines += ["to confirm, add to harness/measurement.py CONFIRMATIONS (bump the version if results may change):",
+                  *(measurement.confirmation_line(p) for p in measurement.ROOTS)]
+    return "\n".join(lines)
 
 
 def _report(args: argparse.Namespace) -> str:
@@ -216,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS; cached per value)")
     p.set_defaults(run=_advise)
+    p = sub.add_parser("cache", help="what the cache holds by kind and size; `prune` drops what no current "
+                                     "build or measurement version uses")
+    p.add_argument("action", nargs="?", choices=("list", "prune"), default="list")
+    p.add_argument("--dry-run", action="store_true", help="with prune: list what would be deleted, delete nothing")
+    p.set_defaults(run=_cache)
+    p = sub.add_parser("measurement", help="the declared measurement versions that key cached results, and "
+                                           "whether the measurement code changed since they were confirmed")
+    p.set_defaults(run=_measurement)
     sub.add_parser("bench", help="benchmarks (python -m harness bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its options are bench.py's own

@@ -33,7 +33,7 @@ The rule looks at the data, so a point that stopped early had an interval that h
 tight then; the report shows each point's chunk count and interval as measured.
 
 Points are cached one by one (PointStore: JSON published atomically under the harness cache,
-keyed like the runner's results by model, build, corpus, code and the rule's constants), so a
+keyed like the runner's results by model, build, corpus, measurement version and the rule's constants), so a
 killed run resumes and loses at most the point in progress, and xdist workers share the work.
 
 Additivity (additivity): per position and format, the per-token sum over layers of the
@@ -61,12 +61,13 @@ from pathlib import Path
 import numpy as np
 
 from harness import matrix
-from harness.cache import HarnessError, cache_root, progress, publish
+from harness.cache import KEY_FILE, HarnessError, cache_root, progress, publish, write_atomic
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
 from harness.reference import parse_layers as reference_layers
-from harness.runner import ModelSession, code_version
+from harness.measurement import ATLAS_VERSION
+from harness.runner import ModelSession
 
 MAX_CHUNKS = 4
 REL_HALF_WIDTH = 0.25
@@ -222,8 +223,9 @@ class PointStore:
     atomically (harness.cache.publish): a killed run keeps every finished point, and two
     processes asking for the same point measure it once."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, key: dict[str, str] | None = None) -> None:
         self.directory = directory
+        self.key = key  # written beside the points (KEY_FILE), for `python -m harness cache`
 
     def path(self, point: Point) -> Path:
         return self.directory / point.slug / "point.json"
@@ -241,20 +243,23 @@ class PointStore:
             measured = True
 
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.key is not None and not (self.directory / KEY_FILE).exists():
+            write_atomic(self.directory / KEY_FILE, json.dumps(self.key, indent=1))
         publish(self.path(point).parent, make)
         return json.loads(self.path(point).read_text()), measured
 
 
 def store_key(session: ModelSession, max_chunks: int) -> dict[str, str]:
-    """What decides a point's record: the session's key (model, build, corpus, chunks), this
-    module's code and everything it imports, and the stopping rule's constants."""
-    return dict(session.key, atlas_code=code_version("atlas"), max_chunks=str(max_chunks),
+    """What decides a point's record: the session's key (model, build, corpus, chunks, results
+    version), the atlas's measurement version (harness.measurement) and the stopping rule's constants."""
+    return dict(session.key, atlas=str(ATLAS_VERSION), max_chunks=str(max_chunks),
                 rule=f"{REL_HALF_WIDTH}/{RESAMPLES}/{CONFIDENCE}/{SEED}")
 
 
 def store_for(session: ModelSession, max_chunks: int, root: Path | None = None) -> PointStore:
     root = root or cache_root() / "atlas"
-    return PointStore(root / session.entry_name(store_key(session, max_chunks)))
+    key = store_key(session, max_chunks)
+    return PointStore(root / session.entry_name(key), key)
 
 
 def eta_text(elapsed: float, measured: int, todo: int) -> str:

@@ -19,6 +19,9 @@ from filelock import FileLock
 from harness.pins import PyPIFile
 
 
+KEY_FILE = "key.json"  # inside a measurement's cache entry: the key it was made under (harness.cache_entries)
+
+
 class HarnessError(RuntimeError):
     """A failure the user can act on; the CLI prints it without a traceback and exits 1."""
 
@@ -68,6 +71,14 @@ def publish(final: Path, make: Callable[[Path], None]) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see all of it or none of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
 
 
 def fetch_pypi(file: PyPIFile) -> Path:

@@ -1,7 +1,7 @@
 """Run one group of the matrix on one model and measure it against that model's baseline.
 
 The baseline (logits of the scored corpus positions and of the task prompts, and the generated
-continuations) is computed once per (model, build, corpus, code) and kept on disk; each group's
+continuations) is computed once per (model, build, corpus, measurement version) and kept on disk; each group's
 measurement is cached by everything that decides it, so xdist workers, reruns and the report
 share one computation. Intervals and verdicts are computed later from the cached per-token
 arrays (harness.intervals), so they are not part of what is cached here.
@@ -9,7 +9,6 @@ arrays (harness.intervals), so they are not part of what is cached here.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import time
@@ -21,10 +20,11 @@ import numpy as np
 
 from harness import matrix
 from harness.build import Build
-from harness.cache import cache_root, progress, publish
+from harness.cache import KEY_FILE, cache_root, progress, publish
 from harness.corpus import (GENERATION_PROMPTS, SEEDED_PROMPT, Corpus, arithmetic_tasks, cut_chunks, load_corpus,
                             text_tasks)
 from harness.driver import Context, Model
+from harness.measurement import RESULTS_VERSION
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
 from harness.models import GGUFInfo, ModelFile, get_model, model_info
 from harness.numerics import layer_numerics
@@ -32,37 +32,6 @@ from harness.reference import Capture
 
 NUMERICS_TOKENS = 128  # positions of chunk 0 whose per-layer tensors are compared
 TOKEN_ARRAYS = ("kld", "top1", "nll_base", "nll_test", "dp")
-HARNESS = Path(__file__).resolve().parent
-
-
-def result_modules(root: str = "runner") -> list[str]:
-    """The harness modules a measurement depends on: this one and every harness module it
-    imports, transitively (read from the sources, so a new module is covered without a list)."""
-    seen: set[str] = set()
-    todo = [root]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse((HARNESS / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "harness":
-                todo += [a.name for a in node.names if (HARNESS / f"{a.name}.py").exists()]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harness."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("harness.")]
-    return sorted(seen)
-
-
-def code_version(root: str = "runner") -> str:
-    """Hash of the sources of result_modules(root): results depend on the code that computes them.
-    (The build is keyed by its own fingerprint; matrix constants and group definitions enter
-    the key as values too.)"""
-    digest = hashlib.sha256()
-    for name in result_modules(root):
-        digest.update(name.encode() + b"\0" + (HARNESS / f"{name}.py").read_bytes())
-    return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -111,7 +80,7 @@ class ModelSession:
     @cached_property
     def key(self) -> dict[str, str]:
         return {"model": self.file.sha256, "build": self.build.fingerprint["key"], "corpus": self.corpus.sha256,
-                "code": code_version(), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
+                "measurement": str(RESULTS_VERSION), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
                 "main_chunks": str(matrix.MAIN_CHUNKS), "numerics_tokens": str(NUMERICS_TOKENS),
                 "generation": f"{matrix.GENERATION_TOKENS}/{matrix.SEED}"}
 
@@ -150,6 +119,7 @@ class ModelSession:
                 np.save(tmp / f"task{i:03d}.npy", self._task_logits(task))
             (tmp / "generation.json").write_text(json.dumps({g["id"]: g["tokens"] for g in self._generate()}))
             np.savez(tmp / "numerics.npz", **self._capture([]))
+            (tmp / KEY_FILE).write_text(json.dumps(self.key, indent=1))
 
         return publish(cache_root() / "baselines" / self.entry_name(self.key), make)
 
@@ -169,10 +139,11 @@ class ModelSession:
 
     # one group ------------------------------------------------------------------------------
 
+    def result_key(self, group_id: str) -> dict[str, str]:
+        return dict(self.key, group=json.dumps(asdict(self.groups[group_id]), sort_keys=True))
+
     def result_dir(self, group_id: str) -> Path:
-        group = self.groups[group_id]
-        key = dict(self.key, group=json.dumps(asdict(group), sort_keys=True))
-        return cache_root() / "results" / self.entry_name(key, group_id)
+        return cache_root() / "results" / self.entry_name(self.result_key(group_id), group_id)
 
     def run(self, group_id: str) -> tuple[dict, dict[str, np.ndarray]]:
         """The group's record and per-token arrays, measured once and published atomically
@@ -181,6 +152,7 @@ class ModelSession:
             record, arrays = self._measure(self.groups[group_id])
             np.savez(tmp / "arrays.npz", **arrays)
             (tmp / "record.json").write_text(json.dumps(record, indent=1, ensure_ascii=False))
+            (tmp / KEY_FILE).write_text(json.dumps(self.result_key(group_id), indent=1))
 
         final = publish(self.result_dir(group_id), make)
         with np.load(final / "arrays.npz") as data:

@@ -2,10 +2,13 @@
 computed once per worker, and the snapshot check.
 
 Snapshots live in tests/snapshots/, one JSON file each (so parallel --snapshot-update loses
-nothing), recorded with the build fingerprint in tests/snapshots/FINGERPRINT.json. Only the
-snapshot comparison depends on the build: on another build it is skipped with a message, every
-other assertion of the test still runs; with CI=true a differing fingerprint fails instead, so a
-change to the patch or the flags re-records the snapshots in the same commit.
+nothing). They are compared wherever the computation is the one they were recorded with, whatever
+the compiler or the build key: a canary per model (tests/snapshots/CANARY.json: the sha256 of the
+logits of corpus chunk 0 without fake quantization and with ffn_norm bf16 at every layer) is
+recomputed (two decodes) and must match. When it differs, only the snapshot comparison is skipped
+with a message, every other assertion of the test still runs; with CI=true it fails instead, so a
+change that moves the bits re-records the snapshots in the same commit. FINGERPRINT.json records
+the build they were recorded on (provenance only).
 """
 
 from __future__ import annotations
@@ -13,15 +16,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 from syrupy.extensions.json import JSONSnapshotExtension
 
+from harness import matrix
 from harness.verdicts import record_command
 
-SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
-FINGERPRINT_FILE = SNAPSHOTS / "FINGERPRINT.json"
+from snapshot_gate import FINGERPRINT_FILE, SNAPSHOTS, canary, record_canary, snapshot_mismatch
 
 
 def in_ci() -> bool:
@@ -70,32 +72,34 @@ def families(sessions):
     return Families()
 
 
-def snapshot_mismatch(build_key: str) -> str | None:
-    """Why recorded snapshots cannot be compared with this build's results (None: they can)."""
-    if not FINGERPRINT_FILE.exists():
-        return f"no {FINGERPRINT_FILE.name} recorded"
-    recorded = json.loads(FINGERPRINT_FILE.read_text())["key"]
-    if recorded != build_key:
-        return f"snapshots were recorded with build {recorded}, this is build {build_key}"
-    return None
+@pytest.fixture(scope="session")
+def canaries(sessions):
+    """model name -> its canary, computed once per worker."""
+    class Canaries(dict):
+        def __missing__(self, name: str):
+            self[name] = canary(sessions[name])
+            return self[name]
+
+    return Canaries()
 
 
 @pytest.fixture
-def snapshot_json(snapshot, build, request) -> Callable[[object], None]:
-    """check(value): compare value with this test's snapshot. Call it last: it is the only
-    assertion that depends on the build, and it skips (or, with CI=true, fails) when the
-    snapshot belongs to another build or none is recorded."""
-    key = build.fingerprint["key"]
+def snapshot_json(snapshot, build, canaries, request) -> Callable[[object, str], None]:
+    """check(value, model): compare value with this test's snapshot. Call it last: it is the only
+    assertion that depends on the computation's bits, and it skips (or, with CI=true, fails) when
+    the model's canary differs from the recorded one or no snapshot is recorded."""
     extension = snapshot.use_extension(TestsSnapshotsDir)
     file = SNAPSHOTS / request.path.stem / f"{request.node.name}.json"
 
-    def check(value: object) -> None:
+    def check(value: object, model: str) -> None:
+        label = matrix.model_label(model)
         if request.config.option.update_snapshots:
             SNAPSHOTS.mkdir(exist_ok=True)
             FINGERPRINT_FILE.write_text(json.dumps(build.fingerprint, indent=1) + "\n")
+            record_canary(label, canaries[model])
             assert extension == value
             return
-        reason = snapshot_mismatch(key)
+        reason = snapshot_mismatch(label, canaries[model])
         if reason is None and not file.exists():
             reason = f"no snapshot recorded for {request.node.name}"
         if reason is not None:

@@ -59,7 +59,7 @@ def test_group(sessions, snapshot_json, group_id, model):
         "model": LABELS[model], "group": group_id, "fake_quant_sites": record["fake_quant_sites"],
         "generation": [{k: g[k] for k in ("id", "sampling", "tokens", "text", "first_divergence")}
                        for g in record["generation"]],
-    })
+    }, model)
 
 
 @pytest.mark.parametrize(("group_id", "model"), OTHER_CASES, ids=ids(OTHER_CASES))
@@ -105,7 +105,7 @@ def test_verdict_table(families, snapshot_json, model):
                                "block": c["block"], "p_holm": f"{c['p_holm']:.2g}", "verdict": c["verdict"]}
                               for c in v["comparisons"]]}
              for v in families[model]]
-    snapshot_json(table)
+    snapshot_json(table, model)
 
 
 @pytest.mark.parametrize("model", sorted(MODELS), ids=[LABELS[m] for m in sorted(MODELS)])

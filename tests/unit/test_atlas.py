@@ -27,7 +27,8 @@ from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
 from harness.metrics import token_stats
 from harness.reference import parse_layers as reference_parse_layers
-from harness.runner import ModelSession, code_version, result_modules
+from harness.measurement import ATLAS_VERSION
+from harness.runner import ModelSession
 
 N_LAYER = 4
 EVERY = tuple(range(N_LAYER))
@@ -161,16 +162,13 @@ def test_eta_counts_only_points_still_to_measure():
     assert eta_text(99.0, 5, 0) == "done"
 
 
-def test_store_key_covers_the_atlas_code_and_the_rule_but_not_the_report(tmp_path):
-    modules = result_modules("atlas")
-    assert {"atlas", "runner", "intervals", "metrics", "driver"} <= set(modules)
-    assert "atlas_report" not in modules and "report" not in modules  # a caption change keeps the points
-    assert code_version("atlas") != code_version()
+def test_store_key_holds_the_declared_versions_and_the_rule_not_the_code(tmp_path):
     # a model given as a path: its stores are named by the file's stem, inside the root
     session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"}, _tag=ModelSession._tag)
     session.entry_name = partial(ModelSession.entry_name, session)
     key = atlas.store_key(session, 4)
-    assert key["atlas_code"] == code_version("atlas") and key["model"] == "abc"
+    assert key == {"model": "abc", "build": "k", "atlas": str(ATLAS_VERSION), "max_chunks": "4",
+                   "rule": f"{atlas.REL_HALF_WIDTH}/{atlas.RESAMPLES}/{atlas.CONFIDENCE}/{atlas.SEED}"}
     dirs = {atlas.store_for(session, n, tmp_path).directory for n in (1, 4)}
     assert len(dirs) == 2 and all(d.parent == tmp_path and d.name.startswith("m-") for d in dirs)
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from gguf import GGUFWriter, LlamaFileType
 
-from harness import runner
 from harness.cache import HarnessError
 from harness.corpus import TASKS_PER_KIND, arithmetic_tasks, cut_chunks, load_corpus, text_tasks
 from harness.matrix import experiment_models, model_label
@@ -109,24 +108,3 @@ def test_h5_prompts_are_many_distinct_and_deterministic():
         assert int(answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
     assert all(context in s for context, s in [(c, c + cont) for c, cont in text]) and all(
         cont.startswith(" ") and cont.endswith(".") for _, cont in text)
-
-
-def test_results_key_covers_every_module_a_measurement_imports():
-    modules = runner.result_modules()
-    for name in ("runner", "metrics", "numerics", "corpus", "driver", "models", "matrix", "reference", "rounding"):
-        assert name in modules
-    for name in ("report", "verdicts", "intervals", "bench"):  # computed from cached arrays, or not results
-        assert name not in modules
-
-
-def test_results_key_changes_with_any_of_those_modules(tmp_path, monkeypatch):
-    copy = tmp_path / "harness"
-    copy.mkdir()
-    for py in runner.HARNESS.glob("*.py"):
-        (copy / py.name).write_bytes(py.read_bytes())
-    monkeypatch.setattr(runner, "HARNESS", copy)
-    before = runner.code_version()
-    (copy / "report.py").write_text("# not a result module\n")
-    assert runner.code_version() == before
-    (copy / "numerics.py").write_text((copy / "numerics.py").read_text() + "\n# changed\n")
-    assert runner.code_version() != before

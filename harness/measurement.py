@@ -1,0 +1,144 @@
+"""The declared version of the measurement, which keys every cached result instead of the source text.
+
+A cached group record or atlas point is reused while its key matches: the model's sha256, the build's
+fingerprint, the corpus's sha256, the settings, and the version declared here. The source code is
+not in the key, so moving a function, editing a docstring or splitting a module keeps hours of
+cached measurements. What keeps the version honest is a test (tests/unit/test_measurement.py): the
+syntax of the measurement code, docstrings and comments left out, is recorded in CONFIRMATIONS; a
+change to that code fails the test until someone decides, in the same commit, either
+- the numbers may change: bump RESULTS_VERSION (or ATLAS_VERSION for the atlas alone) and add a
+  confirmation with the new version, or
+- they do not: add a confirmation with the same version and a note saying which re-measured sample
+  came out identical (command and count).
+`python -m harness measurement` prints the current fingerprints and a confirmation line to paste.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+HARNESS = Path(__file__).resolve().parent
+
+RESULTS_VERSION = 1  # the matrix's group records and baselines (harness.runner and what it imports)
+ATLAS_VERSION = 1    # the atlas points, on top of RESULTS_VERSION (harness.atlas and what it adds)
+
+# the roots of each measurement: a module and everything it imports from the harness package
+ROOTS = {"results": "harness.runner", "atlas": "harness.atlas"}
+# imported by the measurement, and keyed on their own: not part of its fingerprint
+KEYED_ELSEWHERE = {
+    "harness.build": "the build's fingerprint (sdist, patch, flags, compiler) is in every key",
+    "harness.pins": "pinned downloads are verified by sha256; the model's sha256 is in every key",
+    "harness.cache": "where and how entries are stored, not what they hold",
+    "harness.measurement": "it declares the version (a confirmation added must not change the fingerprint)",
+}
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A decision recorded with the code it was made on: `fingerprint` of `part` is measured by `version`."""
+
+    part: str          # "results" or "atlas"
+    version: int
+    fingerprint: str
+    note: str
+
+
+CONFIRMATIONS: tuple[Confirmation, ...] = (
+    Confirmation("results", 1, "186fd68c9a05543f",
+                 "first declared version: cache keys hashed the source text before"),
+    Confirmation("atlas", 1, "2153515921c49c79",
+                 "first declared version: cache keys hashed the source text before"),
+)
+
+
+def _module_file(module: str) -> Path | None:
+    """The file of a harness module (`harness.x` or `harness.sub.x`), or None outside the package."""
+    parts = module.split(".")
+    if parts[0] != "harness":
+        return None
+    base = HARNESS.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(tree: ast.Module) -> list[str]:
+    """The harness modules a syntax tree imports (`import harness.x`, `from harness.x import y`,
+    `from harness import x`). The package imports absolutely; a relative import is refused so
+    that nothing is missed."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise ValueError(f"relative import of {node.module!r}: the harness imports absolutely")
+            found += [node.module or "", *(f"{node.module}.{a.name}" for a in node.names)]
+    return [m for m in found if _module_file(m) is not None]
+
+
+def modules(part: str) -> list[str]:
+    """Every harness module the measurement `part` depends on, transitively, read from the sources
+    (a new module is covered without a list)."""
+    seen: set[str] = set()
+    todo = [ROOTS[part]]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in KEYED_ELSEWHERE:
+            continue
+        seen.add(name)
+        todo += _imports(ast.parse(_module_file(name).read_text()))
+    if part != "results":  # the atlas's own share: what the results' fingerprint does not cover
+        seen -= set(modules("results"))
+    return sorted(seen)
+
+
+def _without_docstrings(tree: ast.Module) -> ast.Module:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def fingerprint(part: str) -> str:
+    """sha256 of the syntax trees of modules(part), docstrings and comments left out, in an order
+    that does not depend on where each module lives (moving one into a subpackage changes only the
+    import lines that name it)."""
+    dumps = sorted(ast.dump(_without_docstrings(ast.parse(_module_file(m).read_text())))
+                   for m in modules(part))
+    digest = hashlib.sha256()
+    for dump in dumps:
+        digest.update(dump.encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def version(part: str) -> int:
+    return {"results": RESULTS_VERSION, "atlas": ATLAS_VERSION}[part]
+
+
+def latest(part: str) -> Confirmation:
+    return [c for c in CONFIRMATIONS if c.part == part][-1]
+
+
+def unconfirmed() -> list[str]:
+    """Why the recorded decisions do not cover the code as it is (empty: they do)."""
+    problems = []
+    for part in ROOTS:
+        last, now = latest(part), fingerprint(part)
+        if last.version != version(part):
+            problems.append(f"{part}: the version is {version(part)}, the last confirmation is for {last.version}")
+        if last.fingerprint != now:
+            problems.append(f"{part}: the measurement code changed (fingerprint {now}, confirmed {last.fingerprint})")
+    return problems
+
+
+def confirmation_line(part: str, note: str = "NOTE: bumped, or which re-measured sample was identical") -> str:
+    """The line to add to CONFIRMATIONS for the code as it is now."""
+    return f'    Confirmation("{part}", {version(part)}, "{fingerprint(part)}",\n                 "{note}"),'
