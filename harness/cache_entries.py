@@ -20,15 +20,17 @@ from pathlib import Path
 from harness.build import BACKEND_FLAGS, fingerprint
 from harness.cache import KEY_FILE, HarnessError, cache_root
 from harness.measurement import ATLAS_VERSION, RESULTS_VERSION
+from harness.models import GGUF_INFO_VERSION
 
 BUILD_KEY = re.compile(r"(?:^|-)([0-9a-f]{16})(?:$|-s\d+$)")  # builds/KEY, models/NAME-KEY, arch-models/KEY-sSEED
 UNFINISHED_AFTER_S = 24 * 3600  # a temporary directory older than this belongs to a killed run
 
-# kind (its folder) -> how an entry of it is told current: "build" (the build key starts its name,
-# or is its name), "key" (KEY_FILE inside), "always" (independent of builds and versions)
+# kind (its folder) -> how an entry of it is told current: "build" (the build key is in its name),
+# "key" (KEY_FILE inside), "baseline" (named after a baseline entry that must exist), "gguf-info"
+# (GGUF_INFO_VERSION ends its name), "always" (independent of builds and versions)
 KINDS = {
-    "downloads": "always", "gguf-info": "always", "builds": "build", "models": "build",
-    "arch-models": "build", "baselines": "key", "results": "key", "atlas": "key",
+    "downloads": "always", "corpus": "always", "gguf-info": "gguf-info", "builds": "build", "models": "build",
+    "arch-models": "build", "baselines": "key", "results": "key", "atlas": "key", "xcheck": "baseline",
 }
 
 
@@ -64,6 +66,10 @@ def _stale(kind: str, path: Path, builds: set[str]) -> str | None:
         return "left by a killed run" if age > UNFINISHED_AFTER_S else None
     if rule == "always":
         return None
+    if rule == "gguf-info":
+        return None if path.name.endswith(f"-v{GGUF_INFO_VERSION}") else "read by another version of check_gguf"
+    if rule == "baseline":
+        return None if (path.parent.parent / "baselines" / path.name).is_dir() else "its baseline entry is gone"
     if rule == "build":
         if kind == "builds" and path.name.endswith(".failed.log"):
             return "the log of a failed build"

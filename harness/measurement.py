@@ -51,6 +51,9 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "first declared version: cache keys hashed the source text before"),
     Confirmation("atlas", 1, "2153515921c49c79",
                  "first declared version: cache keys hashed the source text before"),
+    Confirmation("results", 1, "f33cdb35b147df4a",
+                 "models.model_info's gguf-info entry named by GGUF_INFO_VERSION instead of the module's source hash: "
+                 "metadata only, no measured value reads it differently"),
 )
 
 

@@ -78,10 +78,13 @@ def check_gguf(path: Path) -> GGUFInfo:
     return GGUFInfo(arch, int(blocks.parts[-1][0]), weight_type)
 
 
+GGUF_INFO_VERSION = 1  # bump when check_gguf reads or returns something else: it keys gguf-info/ entries
+
+
 def model_info(file: ModelFile) -> GGUFInfo:
-    """check_gguf of a resolved model, kept on disk under its sha256 and this module's code: GGUFReader
+    """check_gguf of a resolved model, kept on disk under its sha256 and GGUF_INFO_VERSION: GGUFReader
     takes about 10 s over Gemma 3's 262,144-token vocabulary, which every process opening it would pay."""
-    key = f"{file.sha256[:16]}-{sha256_file(Path(__file__))[:12]}"
+    key = f"{file.sha256[:16]}-v{GGUF_INFO_VERSION}"
     final = publish(cache_root() / "gguf-info" / key,
                     lambda tmp: (tmp / "info.json").write_text(json.dumps(asdict(check_gguf(file.path)))))
     return GGUFInfo(**json.loads((final / "info.json").read_text()))

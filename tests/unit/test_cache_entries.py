@@ -12,6 +12,7 @@ from harness import cache_entries
 from harness.__main__ import main
 from harness.cache import KEY_FILE
 from harness.measurement import ATLAS_VERSION, RESULTS_VERSION
+from harness.models import GGUF_INFO_VERSION
 
 CURRENT, OTHER = "a" * 16, "b" * 16
 
@@ -44,6 +45,11 @@ def cache(tmp_path, monkeypatch):
         "results/smollm2-f32-all-4444": "made by older code",
         "atlas/smollm2-f32-5555": None,
         "atlas/smollm2-f32-6666": "atlas version",
+        "corpus/0123456789abcdef": None,
+        f"gguf-info/0123456789abcdef-v{GGUF_INFO_VERSION}": None,
+        "gguf-info/0123456789abcdef-0123456789ab": "another version of check_gguf",
+        "xcheck/smollm2-f32-1111": None,
+        "xcheck/smollm2-f32-9999": "its baseline entry is gone",
     }
     keys = {
         "baselines/smollm2-f32-1111": good, "baselines/smollm2-f32-2222": dict(good, build=OTHER),
@@ -79,7 +85,7 @@ def test_prune_deletes_exactly_the_stale_entries(cache, capsys):
     for name, reason in made.items():
         assert (root / name).exists() == (reason is None), name
     out = capsys.readouterr()
-    assert "deleted 8 entries" in out.out and "made by another build" in out.err
+    assert "deleted 10 entries" in out.out and "made by another build" in out.err
     assert main(["cache"]) == 0
     assert "results" in capsys.readouterr().out
 
