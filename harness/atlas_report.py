@@ -21,7 +21,7 @@ from harness.cache import HarnessError
 from harness.report import _pyplot, _save, _yerr, duration, num, pct, ratio, table, with_ci
 
 TOP_PAIRS = 10
-FORMAT_MARKERS = {"bf16": "o", "f16": "s", "q8_0": "^"}
+MARKERS = "os^vD<>pPX*hH8d"  # one per format, in the order the atlas lists them
 
 
 def load_atlas(path: Path) -> dict:
@@ -70,6 +70,28 @@ class View:
     def formats(self) -> list[str]:
         return list(dict.fromkeys(r["point"]["fmt"] for r in self.m["points"]))
 
+    def single_formats(self) -> list[str]:
+        """The formats with single-layer points (measured, skipped or non-finite)."""
+        return list(dict.fromkeys(r["point"]["fmt"] for r in self.m["points"] if r["point"]["layer"] is not None))
+
+    def versus_reference(self, r: dict | None) -> str:
+        """A point against the reference: "clearly below" (its upper bound under the reference's lower
+        bound), "below by the mean", "above", "non-finite", "skipped", "reference" or "–" (not in this atlas)."""
+        ref = self.reference()
+        if r is None:
+            return "–"
+        if "skipped" in r:
+            return "skipped"
+        if "non_finite" in r:
+            return "non-finite"
+        if ref is None:
+            return "no reference"
+        if r is ref:
+            return "reference"
+        if r["kld_ci"][2] < ref["kld_ci"][1]:
+            return "clearly below"
+        return "below by the mean" if r["kld_ci"][0] < ref["kld_ci"][0] else "above"
+
 
 def kld(r: dict | None) -> float | None:
     return None if r is None else r["kld_ci"][0]
@@ -90,7 +112,8 @@ def image_name(label: str, kind: str) -> str:
 def shared_limits(views: Sequence[View]) -> tuple[float, float] | None:
     """Colour limits for every heatmap: the smallest and largest positive single-layer KLD of any
     model and format, so colours compare across models and formats."""
-    values = [r["kld_ci"][0] for v in views for fmt in ("bf16", "f16") for r in v.singles(fmt) if r["kld_ci"][0] > 0]
+    values = [r["kld_ci"][0] for v in views for fmt in v.single_formats() for r in v.singles(fmt)
+              if r["kld_ci"][0] > 0]
     return (min(values), max(values)) if values else None
 
 
@@ -145,14 +168,16 @@ def plot_ranking(v: View, path: Path) -> str | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(7.0, 0.42 * len(order) + 2), 4.8))
     dropped = []
-    for j, fmt in enumerate(v.formats()):
+    fmts = v.formats()
+    for j, fmt in enumerate(fmts):
         pts = [(i, v.get(p, fmt)) for i, p in enumerate(order) if v.get(p, fmt)]
         dropped += [f"{order[i]} {fmt}" for i, r in pts if r["kld_ci"][0] <= 0]
         pts = [(i, r) for i, r in pts if r["kld_ci"][0] > 0]
         if pts:
             cis = [r["kld_ci"] for _, r in pts]
-            ax.errorbar([i + (j - 1) * 0.2 for i, _ in pts], [c[0] for c in cis], yerr=_yerr(cis), ls="",
-                        marker=FORMAT_MARKERS.get(fmt, "o"), ms=4, capsize=2, label=f"{fmt}, every layer")
+            offset = (j - (len(fmts) - 1) / 2) * min(0.2, 0.8 / len(fmts))
+            ax.errorbar([i + offset for i, _ in pts], [c[0] for c in cis], yerr=_yerr(cis), ls="",
+                        marker=MARKERS[j % len(MARKERS)], ms=4, capsize=2, label=f"{fmt}, every layer")
     ref = v.reference()
     if ref is not None:
         c = ref["kld_ci"]
@@ -233,15 +258,16 @@ def section_non_finite(v: View) -> list[str]:
                           "rows non-finite (first point)"], rows)
 
 
-def section_below(v: View) -> list[str]:
+def section_below(v: View, fmt: str) -> list[str]:
+    """Per position: is `fmt` at each single layer below the reference (the logits rounded)?"""
     ref = v.reference()
-    lines = [f"### Where bf16 stays below the reference ({v.ref_position} {v.ref_fmt})", ""]
+    lines = [f"### Where {fmt} stays below the reference ({v.ref_position} {v.ref_fmt}), one layer at a time", ""]
     if ref is None:
         return lines + [f"Skipped: the reference point ({v.ref_position} {v.ref_fmt}) was not measured.", ""]
     rows, clearly, by_means = [], [], []
     for p in v.layered:
-        measured = {il: v.get(p, "bf16", il) for il in range(v.n_layer) if v.get(p, "bf16", il)}
-        overflowed = sorted(r["point"]["layer"] for r in v.non_finite("bf16")
+        measured = {il: v.get(p, fmt, il) for il in range(v.n_layer) if v.get(p, fmt, il)}
+        overflowed = sorted(r["point"]["layer"] for r in v.non_finite(fmt)
                             if r["point"]["position"] == p and r["point"]["layer"] is not None)
         if not measured:
             continue
@@ -264,11 +290,11 @@ def section_below(v: View) -> list[str]:
             verdict += f" (only {len(measured) + len(overflowed)} of {v.n_layer} layers measured, so not listed below)"
         rows.append([f"`{p}`", str(len(measured)), str(worst_layer), ci_text(measured[worst_layer]), verdict])
     if not rows:
-        return lines + ["Skipped: no single-layer bf16 points measured.", ""]
+        return lines + [f"Skipped: no single-layer {fmt} points measured.", ""]
     lines += [f"Reference: `{v.ref_position}` {v.ref_fmt}, KLD {ci_text(ref)}.", ""]
-    lines += table(["position", "layers measured", "worst layer", "its bf16 KLD [95 % CI]",
+    lines += table(["position", "layers measured", "worst layer", f"its {fmt} KLD [95 % CI]",
                     "below the reference at every layer?"], rows)
-    lines += [f"Below it at every layer, clearly: {', '.join(f'`{p}`' for p in clearly) or 'none'}; by the means "
+    lines += [f"{fmt} below it at every layer, clearly: {', '.join(f'`{p}`' for p in clearly) or 'none'}; by the means "
               f"only: {', '.join(f'`{p}`' for p in by_means) or 'none'}.", ""]
     return lines
 
@@ -276,7 +302,7 @@ def section_below(v: View) -> list[str]:
 def section_sensitive(v: View) -> list[str]:
     lines = [f"### The most sensitive (position, layer) pairs (top {TOP_PAIRS} per format)", ""]
     rows = []
-    for fmt in ("bf16", "f16"):
+    for fmt in v.single_formats():
         top = sorted(v.singles(fmt), key=lambda r: -r["kld_ci"][0])[:TOP_PAIRS]
         rows += [[str(rank), fmt, f"`{r['point']['position']}`", str(r["point"]["layer"]), ci_text(r),
                   pct(r["tokens"]["top1_agreement"], ".4g"), ratio(r["tokens"]["ppl_ratio"]),
@@ -288,21 +314,44 @@ def section_sensitive(v: View) -> list[str]:
 
 
 def section_all_layers(v: View) -> list[str]:
+    """Every layer at once: a position x format overview against the reference, then every point's figures."""
     lines = ["### Every layer at once", ""]
-    fmts = v.formats()
+    fmts = [f for f in v.formats() if any((p, f, None) in v.points for p in v.names)]
+    order = [p for p in ranked(v) if any((p, f, None) in v.points for f in fmts)]
+    if not order:
+        return lines + ["Skipped: no all-layers points measured.", ""]
+    ref = v.reference()
+    marks = {"clearly below": "✓", "below by the mean": "≈", "above": "✗", "non-finite": "**NaN**",
+             "skipped": "skip", "–": "–", "no reference": "", "reference": "(ref.)"}
+    lines += [f"Mean KLD of each format at every layer of each position, against the reference "
+              f"(`{v.ref_position}` {v.ref_fmt}, {ci_text(ref)}): ✓ clearly below it (upper bound under its lower "
+              "bound), ≈ below by the mean, ✗ at or above it, **NaN** non-finite logits, skip: the format cannot "
+              "take the tensor's shape (reason below), –: not in this atlas.", ""]
     rows = []
-    for p in (p for p in ranked(v) if any((p, fmt, None) in v.points for fmt in fmts)):
+    for fmt in fmts:
         cells = []
+        for p in order:
+            r = v.points.get((p, fmt, None))
+            mark = marks[v.versus_reference(r)]
+            cells.append(f"{num(r['kld_ci'][0])} {mark}" if r is not None and has_kld(r) else mark)
+        rows.append([fmt, *cells])
+    lines += table(["format", *[f"`{p}`" for p in order]], rows)
+    detail = []
+    for p in order:
+        ne0 = next(x["ne0"] for x in v.m["positions"] if x["name"] == p)
         for fmt in fmts:
             r = v.points.get((p, fmt, None))
-            cells.append("not in this atlas" if r is None else f"skipped ({r['skipped']})" if "skipped" in r
-                         else "**non-finite logits**" if "non_finite" in r else f"{ci_text(r)}, {r['chunks']} ch.")
-        bf = v.get(p, "bf16")
-        ne0 = next(x["ne0"] for x in v.m["positions"] if x["name"] == p)
-        rows.append([f"`{p}`", str(ne0), *cells, pct(bf["tokens"]["top1_agreement"], ".4g") if bf else "–",
-                     ratio(bf["tokens"]["ppl_ratio"]) if bf else "–"])
-    return lines + table(["position", "ne0", *[f"{f} KLD [95 % CI], chunks" for f in fmts], "bf16 top-1",
-                          "bf16 PPL ratio"], rows)
+            if r is None:
+                continue
+            if not has_kld(r):
+                what = f"skipped ({r['skipped']})" if "skipped" in r else "**non-finite logits**"
+                detail.append([f"`{p}`", str(ne0), fmt, what, "–", "–", "–"])
+                continue
+            detail.append([f"`{p}`", str(ne0), fmt, ci_text(r), f"{r['chunks']} ({r['stop']})",
+                           pct(r["tokens"]["top1_agreement"], ".4g"), ratio(r["tokens"]["ppl_ratio"])])
+    lines += ["<details><summary>Every all-layers point with its interval</summary>", ""]
+    lines += table(["position", "ne0", "format", "KLD [95 % CI]", "chunks (stop)", "top-1", "PPL ratio"], detail)
+    return lines + ["</details>", ""]
 
 
 def section_additivity(v: View) -> list[str]:
@@ -351,7 +400,10 @@ def section_model(v: View, skipped_plots: dict[str, str | None]) -> list[str]:
         lines.append(f"- Skipped: `{pt['position']}` {pt['fmt']} "
                      f"{'every layer' if pt['layer'] is None else 'layer ' + str(pt['layer'])}: {r['skipped']}")
     lines.append("")
-    lines += section_non_finite(v) + section_below(v) + section_sensitive(v) + section_all_layers(v)
+    lines += section_non_finite(v)
+    for fmt in v.single_formats():
+        lines += section_below(v, fmt)
+    lines += section_sensitive(v) + section_all_layers(v)
     lines += section_additivity(v)
     for name, caption in skipped_plots.items():
         kind = name.split("/")[1].split("-")[0]
@@ -407,7 +459,35 @@ def section_between(views: Sequence[View]) -> list[str]:
         lines += table(["position", f"{a.label} bf16 all layers", f"{b.label} bf16 all layers", "ratio"],
                        [[f"`{p}`", ci_text(a.get(p, "bf16")), ci_text(b.get(p, "bf16")), num(ratios[p])]
                         for p in sorted(common, key=lambda p: -ratios[p])])
+        lines += section_formats_between(a, b)
     return lines
+
+
+def tolerant(v: View, fmt: str) -> list[str]:
+    """Positions whose all-layers `fmt` point is clearly below the model's own reference."""
+    return [p for p in v.names if v.versus_reference(v.points.get((p, fmt, None))) == "clearly below"]
+
+
+def section_formats_between(a: View, b: View) -> list[str]:
+    """Per format: which positions take it at every layer within each model's logits-bf16 yardstick, and
+    whether the two models rank the positions alike."""
+    fmts = [f for f in a.formats() if f in b.formats()]
+    rows = []
+    for fmt in fmts:
+        common = [p for p in a.names if p in b.names and kld(a.get(p, fmt)) and kld(b.get(p, fmt))]
+        if not common:
+            continue
+        ta, tb = set(tolerant(a, fmt)), set(tolerant(b, fmt))
+        rho = spearman([kld(a.get(p, fmt)) for p in common], [kld(b.get(p, fmt)) for p in common])
+        names = lambda ps: ", ".join(f"`{p}`" for p in sorted(ps)) or "none"  # noqa: E731
+        rows.append([fmt, str(len(common)), names(ta & set(common)), names(tb & set(common)),
+                     names((ta ^ tb) & set(common)), num(rho, ".2f")])
+    if not rows:
+        return []
+    return [f"Every layer at once, per format: the positions clearly below each model's own reference "
+            f"(`{a.ref_position}` {a.ref_fmt}), and the rank agreement of the positions' KLDs.", ""] + table(
+        ["format", "positions in both", f"{a.label}: clearly below", f"{b.label}: clearly below",
+         "in one model only", "Spearman ρ"], rows)
 
 
 def render_atlas(atlas_path: Path, out_dir: Path) -> Path:
@@ -421,7 +501,7 @@ def render_atlas(atlas_path: Path, out_dir: Path) -> Path:
         lines = section_intro(data)
         for v in views:
             plots: dict[str, str | None] = {}
-            for fmt in ("bf16", "f16"):
+            for fmt in v.single_formats():
                 name = image_name(v.label, f"heatmap_{fmt}")
                 (out_dir / name).unlink(missing_ok=True)
                 plots[name] = (plot_heatmap(v, fmt, limits, out_dir / name) if limits

@@ -350,7 +350,9 @@ def test_report_of_two_models(tmp_path):
     path = synthetic_atlas(tmp_path, [synthetic_model("q4", "Q4_1", 100.0), synthetic_model("f32", "F32", 1.0)])
     text = render_atlas(path, tmp_path / "out").read_text()
     for heading in ("# Precision atlas", "## q4 (Q4_1 weights, llama, 3 layers)", "## f32 (F32 weights",
-                    "### Where bf16 stays below the reference (result_output bf16)", "### Every layer at once",
+                    "### Where bf16 stays below the reference (result_output bf16), one layer at a time",
+                    "### Where f16 stays below the reference (result_output bf16), one layer at a time",
+                    "### Every layer at once",
                     "### Additivity", "## Between models", "### q4 vs f32: weights Q4_1 vs F32 (same architecture"):
         assert heading in text
     # f32: attn_norm's worst bf16 layer is 2 (3e-6 < 3.5e-4 reference, every upper bound below its lower bound)
@@ -362,6 +364,14 @@ def test_report_of_two_models(tmp_path):
     assert "skipped: layers 2 not measured" in text and "1 sub-additive" in text
     assert "over 4 common positions: median 100, from 1 (`result_output`) to 100 (`" in text
     assert "left out, named more than once a layer: norm (7 tensors)" in text
+    # the position x format overview against the reference (3.5e-4 [3.15e-4, 3.85e-4]), positions by bf16 KLD:
+    # f32 attn_norm bf16 3e-6 is clearly below; q4 ffn_norm bf16 5e-4 is above; q8_0 of ffn_norm is skipped
+    assert "| bf16 | 0.00035 (ref.) | 5e-06 ✓ | 5e-06 ✓ | 3e-06 ✓ |" in text
+    assert "| q8_0 | skip | – | – | – |" in text and "| q8_0 | – | skip | – | – |" in text
+    assert "| bf16 | 0.0005 ✗ | 0.0005 ✗ | 0.00035 (ref.) | 0.0003 ≈ |" in text
+    # per format between the models: f32 takes bf16 at ffn_norm, attn_norm and result_norm; q4 at none
+    assert ("| bf16 | 4 | none | `attn_norm`, `ffn_norm`, `result_norm` | `attn_norm`, `ffn_norm`, `result_norm` "
+            "| 0.33 |") in text
     for name in ("heatmap_bf16-q4", "heatmap_f16-q4", "ranking-q4", "heatmap_bf16-f32", "ranking-f32"):
         assert (tmp_path / "out" / "atlas" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(atlas/{name}.png)" in text
