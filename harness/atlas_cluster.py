@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -69,7 +70,10 @@ def open_session(spec: ModelSpec, worker: str) -> ModelSession:
     (checked before a build starts) and corpus, or an error naming both."""
     code = measurement_code()
     if code != spec.code:
-        raise _refuse("harness measurement code", worker, code, spec.code,
+        def text(c: tuple[str, str]) -> str:
+            return f"results {c[0]}, atlas {c[1]}"
+
+        raise _refuse("harness measurement code", worker, text(code), text(spec.code),
                       "install the same harness on every worker")
     key = fingerprint()["key"]
     if spec.build_key is not None and key != spec.build_key:
@@ -95,6 +99,7 @@ class AtlasWorker(WorkerPlugin):
         self.session: ModelSession | None = None
         self.spec: ModelSpec | None = None
         self.current: str | None = None  # the slug of the point being measured, for observers
+        self.opened = 0  # sessions opened by this worker: one per model while it keeps each
 
     def teardown(self, worker) -> None:
         with self.lock:
@@ -112,6 +117,7 @@ class AtlasWorker(WorkerPlugin):
                 self._close()
                 self.session = open_session(spec, self.address)
                 self.spec = spec
+                self.opened += 1
             file = self.session.file
             if spec.sha256 is not None and file.sha256 != spec.sha256:
                 raise _refuse(f"model file {file.path}", self.address, file.sha256[:12], spec.sha256[:12],
@@ -232,7 +238,7 @@ def connect(workers: int | None = None, scheduler: str | None = None) -> Iterato
     with contextlib.ExitStack() as stack:
         if scheduler is not None:
             try:
-                client = stack.enter_context(Client(scheduler, timeout="30s"))
+                client = stack.enter_context(Client(scheduler))  # dask's distributed.comm.timeouts.connect
             except OSError as exc:
                 raise HarnessError(f"no Dask scheduler reachable at {scheduler!r}: {exc}") from None
             where = f"the scheduler at {scheduler}"
@@ -254,3 +260,22 @@ def dashboard(client: Client) -> str:
         return client.dashboard_link
     except (KeyError, TypeError):
         return "none (the scheduler runs no dashboard)"
+
+
+def slurm_cluster(cores: int, workers: int, memory: str, walltime: str, cache_dir: str | None = None, **kwargs):
+    """dask-jobqueue's SLURMCluster for the atlas (pip install dask-jobqueue): each job books `cores`
+    CPUs and `memory` and runs `workers` worker processes with one Dask thread and cores // workers
+    llama.cpp threads each ($FQ_THREADS), no nanny memory limit (see connect), and the harness cache
+    at `cache_dir` ($FQ_CACHE_DIR; None: each node's default). Other keyword arguments (queue,
+    account, job_extra_directives, python, ...) go to SLURMCluster; scale it with .scale(jobs=N)
+    and pass its scheduler_address to --scheduler (docs/distributed.md)."""
+    from dask_jobqueue import SLURMCluster
+
+    if not 1 <= workers <= cores:
+        raise HarnessError(f"{workers} workers on {cores} cores a job: give 1 to {cores} workers")
+    prologue = [f"export FQ_THREADS={cores // workers}"]
+    if cache_dir is not None:
+        prologue.append(f"export FQ_CACHE_DIR={shlex.quote(cache_dir)}")
+    return SLURMCluster(cores=workers, processes=workers, job_cpu=cores, memory=memory, walltime=walltime,
+                        job_script_prologue=prologue + list(kwargs.pop("job_script_prologue", [])),
+                        worker_extra_args=["--memory-limit", "0", *kwargs.pop("worker_extra_args", [])], **kwargs)
