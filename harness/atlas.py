@@ -396,8 +396,8 @@ class ModelAtlas:
 
     def candidates(self, fmt: str, positions: Sequence[str] | None, layers: str | None) -> list[Point]:
         """The advisor's single sites: each chosen position at each chosen layer, or alone if of no layer."""
-        chosen = self.select(positions)
-        points = [Point(p.name, fmt, il) for p in chosen if p.layered for il in parse_layers(layers, self.facts.n_layer)]
+        chosen, chosen_layers = self.select(positions), parse_layers(layers, self.facts.n_layer)
+        points = [Point(p.name, fmt, il) for p in chosen if p.layered for il in chosen_layers]
         return points + [Point(p.name, fmt) for p in chosen if not p.layered]
 
     def measure(self, point: Point) -> dict:

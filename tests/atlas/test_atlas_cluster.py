@@ -7,7 +7,8 @@ apart (`dask scheduler`, `dask worker`), where the advisor runs too.
 The serial records are measured here, in this process, into a store of this session (shared by
 xdist workers), with the same 13 points as every cluster run: attn_norm and ffn_norm at layers 0
 and 29 and at every layer, bf16 and f16, and the reference; at most 2 chunks a point, so that a
-point measured over two chunks (attn_norm f16 at layer 0) is among them.
+point measured over two chunks (attn_norm f16 at layer 0) is among them. The runs that kill a
+process measure the 7 points of ffn_norm, to stay short.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MODEL = "smollm2-f32"
 POSITIONS = ["attn_norm", "ffn_norm"]
 LAYERS = "0,29"
 FORMATS = ["bf16", "f16"]
+KILLED = ["ffn_norm"]  # the positions of the runs that kill a process: 7 points
 CHUNKS = 2
 REPO = Path(harness.__file__).resolve().parent.parent
 DASK = Path(sys.executable).with_name("dask")
@@ -107,39 +109,40 @@ def test_a_worker_killed_in_the_middle_of_a_point_loses_nothing(serial, tmp_path
     the scheduler reruns its task, the nanny starts a new worker, every record is the serial one."""
     with connect(workers=2) as client:
         atlas = ClusterAtlas.open(client, MODEL, max_chunks=CHUNKS, root=tmp_path)
+        points = atlas.plan(KILLED, LAYERS, FORMATS)
         outcome: dict = {}
 
         def run() -> None:
             try:
-                outcome["result"] = measure_atlas(atlas, POSITIONS, LAYERS, FORMATS)
+                outcome["result"] = measure_atlas(atlas, KILLED, LAYERS, FORMATS)
             except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
                 outcome["error"] = exc
 
         def current(dask_worker) -> str | None:
             return dask_worker.plugins[AtlasWorker.name].current
 
+        pids = client.run(os.getpid)
         thread = threading.Thread(target=run)
         thread.start()
         victim, deadline = None, time.monotonic() + 300
         while victim is None and thread.is_alive() and time.monotonic() < deadline:
-            stored = sum(atlas.store.has(p) for p in serial.points)
+            stored = sum(atlas.store.has(p) for p in points)
             busy = {a: slug for a, slug in client.run(current).items() if slug}
             if stored >= 2 and busy:
                 address, slug = next(iter(busy.items()))
                 time.sleep(0.3)  # into the point's decode
                 if client.run(current, workers=[address]).get(address) == slug:
-                    pid = client.run(os.getpid, workers=[address])[address]
-                    os.kill(pid, signal.SIGKILL)
-                    victim = (pid, next(p for p in serial.points if p.slug == slug))
+                    os.kill(pids[address], signal.SIGKILL)
+                    victim = (pids[address], next(p for p in points if p.slug == slug))
             time.sleep(0.05)
         assert victim is not None, "no point was seen in progress"
         pid, point = victim
         assert not atlas.store.has(point)  # the point had not been published when its worker died
         thread.join(timeout=600)
         assert not thread.is_alive() and "error" not in outcome, outcome
-        assert outcome["result"][1] == len(serial.points)
+        assert outcome["result"][1] == len(points) == 7
         assert pid not in client.run(os.getpid).values()
-    assert_serial_records(atlas.store, serial)
+    assert_serial_records(atlas.store, serial, points)
 
 
 def cache_without_points(tmp_path: Path) -> Path:
@@ -154,19 +157,20 @@ def cache_without_points(tmp_path: Path) -> Path:
 
 @pytest.mark.cluster
 def test_a_killed_client_resumes_without_remeasuring(serial, tmp_path):
-    """`atlas --workers 2` killed (SIGKILL) after 3 points were published: its workers exit; the
+    """`atlas --workers 2` killed (SIGKILL) after 3 of 7 points were published: its workers exit; the
     rerun submits only the other points, leaves the published files untouched, and every record is
     the serial one."""
     cache = cache_without_points(tmp_path)
     env = dict(os.environ, FQ_CACHE_DIR=str(cache))
-    cmd = [sys.executable, "-m", "harness", "atlas", "--models", MODEL, "--positions", *POSITIONS, "--layers", LAYERS,
+    cmd = [sys.executable, "-m", "harness", "atlas", "--models", MODEL, "--positions", *KILLED, "--layers", LAYERS,
            "--formats", *FORMATS, "--max-chunks", str(CHUNKS), "--workers", "2", "--out", str(tmp_path / "out")]
     store = SimpleNamespace(directory=cache / "atlas" / serial.atlas.store.directory.name)
     store.path = lambda p: store.directory / p.slug / "point.json"
+    points = serial.atlas.plan(KILLED, LAYERS, FORMATS)
     with open(tmp_path / "killed.log", "w") as log:
         client = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
-        while sum(store.path(p).exists() for p in serial.points) < 3 and time.monotonic() < deadline:
+        while sum(store.path(p).exists() for p in points) < 3 and time.monotonic() < deadline:
             assert client.poll() is None, (tmp_path / "killed.log").read_text()
             time.sleep(0.05)
         processes = psutil.Process(client.pid).children(recursive=True)
@@ -174,18 +178,18 @@ def test_a_killed_client_resumes_without_remeasuring(serial, tmp_path):
         client.wait()
     _, alive = psutil.wait_procs(processes, timeout=60)
     assert not alive, f"processes of the killed client still running: {alive}"
-    first = {p: store.path(p).stat() for p in serial.points if store.path(p).exists()}
-    assert 3 <= len(first) < len(serial.points), (tmp_path / "killed.log").read_text()
+    first = {p: store.path(p).stat() for p in points if store.path(p).exists()}
+    assert 3 <= len(first) < len(points), (tmp_path / "killed.log").read_text()
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    todo = len(serial.points) - len(first)
-    assert f"{len(serial.points)} points, {len(first)} in the store, {todo} to measure" in rerun.stderr
+    todo = len(points) - len(first)
+    assert f"{len(points)} points, {len(first)} in the store, {todo} to measure" in rerun.stderr
     assert f"{MODEL}: {todo} points measured, {len(first)} from the cache" in rerun.stderr
     assert "dashboard http://" in rerun.stderr and "points/min" in rerun.stderr
     for point, before in first.items():
         after = store.path(point).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), point
-    assert_serial_records(store, serial)
+    assert_serial_records(store, serial, points)
 
 
 @pytest.mark.cluster

@@ -23,7 +23,8 @@ def spec() -> ModelSpec:
 @pytest.mark.parametrize(("change", "message"), [
     ({"code": ("0" * 16, "1" * 16)}, r"its harness measurement code \(results \w{16}, atlas \w{16}\) differs from "
                                      r"the client's \(results 0{16}, atlas 1{16}\); install the same harness"),
-    ({"build_key": "f" * 16}, r"its build key \(\w{16}\) differs from the client's \(f{16}\); the compiler or the patch"),
+    ({"build_key": "f" * 16}, r"its build key \(\w{16}\) differs from the client's \(f{16}\); the compiler or "
+                              "the patch"),
     ({"corpus_sha256": "c" * 64}, r"its corpus \(pydoc_data.topics \w{12}\) differs from the client's \(c{12}\); "
                                   r"set \$FQ_CORPUS on the workers"),
 ])
