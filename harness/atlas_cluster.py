@@ -175,6 +175,7 @@ class ClusterAtlas(ModelAtlas):
         """A worker describes `model` (and keeps it loaded); its sha256 and build key then pin every task."""
         corpus = corpus or load_corpus()
         spec = ModelSpec(model, corpus.sha256, measurement_code(), build_key=build_key)
+        progress(f"{model}: a worker describes the model (on a fresh cache it builds, derives or downloads first)")
         facts = client.submit(describe_task, spec, pure=False).result()
         return cls(client, replace(spec, sha256=facts.sha256, build_key=facts.build["key"]), facts, max_chunks, root)
 
@@ -189,7 +190,7 @@ class ClusterAtlas(ModelAtlas):
         todo = [p for p in points if not self.store.has(p)]
         workers = len(self.client.scheduler_info(n_workers=-1)["workers"])
         progress(f"{label}: {len(points)} points, {len(points) - len(todo)} in the store, {len(todo)} to measure "
-                 f"on the cluster ({workers} workers now)")
+                 f"on the cluster ({workers} worker{'s' * (workers != 1)} now)")
         futures = {self.client.submit(point_task, self.spec, p, self.ne0[p.position], self.max_chunks,
                                       key=self.task_key(p)): p for p in todo}
         started, done, measured = time.perf_counter(), len(points) - len(todo), 0

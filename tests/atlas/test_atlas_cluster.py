@@ -193,10 +193,14 @@ def test_a_killed_client_resumes_without_remeasuring(serial, tmp_path):
 
 
 @pytest.mark.cluster
-def test_a_scheduler_and_a_worker_started_apart(serial, session, tmp_path):
+def test_a_scheduler_and_a_worker_started_apart(serial, tmp_path, monkeypatch, capsys):
     """`dask scheduler` and `dask worker` as a user starts them (the worker imports this tree's
     harness through PYTHONPATH, with 2 llama.cpp threads from FQ_THREADS): the same records, and
-    the advisor's measured set is the serial path's too."""
+    the advisor's measured set is the serial path's too, from the library and from
+    `advise --scheduler` (whose client has a cache of its own, without the points)."""
+    from harness.__main__ import main
+    from harness.report import with_ci
+
     file = tmp_path / "scheduler.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), FQ_THREADS="2")
     logs = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - closed in finally
@@ -208,7 +212,8 @@ def test_a_scheduler_and_a_worker_started_apart(serial, session, tmp_path):
         deadline = time.monotonic() + 60
         while not file.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        with connect(scheduler=json.loads(file.read_text())["address"]) as client:
+        address = json.loads(file.read_text())["address"]
+        with connect(scheduler=address) as client:
             client.wait_for_workers(1, timeout=60)
             assert set(client.run(lambda: harness.__file__).values()) == {harness.__file__}
             atlas = ClusterAtlas.open(client, MODEL, max_chunks=CHUNKS, root=tmp_path / "store")
@@ -221,6 +226,14 @@ def test_a_scheduler_and_a_worker_started_apart(serial, session, tmp_path):
         assert advice["sites"] == [["ffn_norm", 0], ["ffn_norm", 29]] and advice["measured_now"] == 0
         assert advice | {"measured": without_timing(advice["measured"])} == \
             expected | {"measured": without_timing(expected["measured"])}
+        monkeypatch.setenv("FQ_CACHE_DIR", str(cache_without_points(tmp_path)))
+        capsys.readouterr()
+        assert main(["advise", "--model", MODEL, "--format", "bf16", "--budget", "1e-3", "--positions", "ffn_norm",
+                     "--layers", LAYERS, "--max-chunks", str(CHUNKS), "--scheduler", address]) == 0
+        out, err = capsys.readouterr()
+        assert "2 of 2 sites fit" in out and "dashboard http://" in err
+        assert f"measured KLD: {with_ci(expected['measured']['kld_ci'][0], expected['measured']['kld_ci'])}" in out
+        assert "2 points, 0 in the store, 2 to measure on the cluster (1 worker now)" in err
     finally:
         for process in reversed(started):
             process.terminate()
