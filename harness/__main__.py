@@ -7,7 +7,9 @@ Progress goes to stderr; the last line of stdout is the result (a directory or a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 
 from harness.build import BACKEND_FLAGS
 from harness.cache import HarnessError
@@ -134,32 +136,61 @@ def _budget(text: str) -> float:
     return value
 
 
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator:
+    """A Dask client for --workers or --scheduler (harness.atlas_cluster), else None: points measured here."""
+    if args.workers is None and args.scheduler is None:
+        yield None
+        return
+    from harness.atlas_cluster import connect
+
+    with connect(args.workers, args.scheduler) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def _model_atlas(name: str, corpus, max_chunks: int | None, client, build_key: str | None = None) -> Iterator:
+    """One model's ModelAtlas: on the cluster (a worker loads the model) or on a session in this process."""
+    from harness.atlas import MAX_CHUNKS, ModelAtlas
+
+    max_chunks = MAX_CHUNKS if max_chunks is None else max_chunks
+    if client is not None:
+        from harness.atlas_cluster import ClusterAtlas
+
+        yield ClusterAtlas.open(client, name, corpus, max_chunks, build_key=build_key)
+        return
+    from harness.build import build
+    from harness.runner import ModelSession
+
+    session = ModelSession(name, build(), corpus)
+    try:
+        yield ModelAtlas.of(session, max_chunks)
+    finally:
+        session.close()
+
+
 def _atlas(args: argparse.Namespace) -> str:
     """Every model's atlas (measured now, or from the point cache), atlas.json, then atlas.md and its plots."""
     import json
     from pathlib import Path
 
     from harness import matrix
-    from harness.atlas import MAX_CHUNKS, model_atlas, provenance
+    from harness.atlas import measure_atlas, provenance
     from harness.atlas_report import render_atlas
-    from harness.build import build
     from harness.corpus import load_corpus
-    from harness.runner import ModelSession
 
     names = _names(args.models) or list(matrix.experiment_models())
     corpus = load_corpus()
     parts, prov = [], None
-    for name in names:
-        session = ModelSession(name, build(), corpus)
-        try:
-            prov = prov or provenance(session)
-            part, measured = model_atlas(session, _names(args.positions), args.layers, _names(args.formats),
-                                         MAX_CHUNKS if args.max_chunks is None else args.max_chunks)
+    with _cluster(args) as client:
+        for name in names:
+            # on a cluster, every model's points are measured with the first model's build
+            with _model_atlas(name, corpus, args.max_chunks, client, prov and prov["build"]["key"]) as atlas:
+                prov = prov or provenance(atlas.facts)
+                part, measured = measure_atlas(atlas, _names(args.positions), args.layers, _names(args.formats))
             print(f"[harness] {name}: {measured} points measured, {len(part['points']) - measured} from the cache",
                   file=sys.stderr)
             parts.append(part)
-        finally:
-            session.close()
     out = Path(args.out)
     (out / "atlas").mkdir(parents=True, exist_ok=True)
     data_path = out / "atlas" / "atlas.json"
@@ -169,18 +200,13 @@ def _atlas(args: argparse.Namespace) -> str:
 
 def _advise(args: argparse.Namespace) -> str:
     """The largest set of sites that fits the budget, measured; the flags that reproduce it."""
-    from harness.atlas import MAX_CHUNKS, advise, check_advice, non_finite_text
-    from harness.build import build
+    from harness.atlas import advise_atlas, check_advice, non_finite_text
+    from harness.corpus import load_corpus
     from harness.report import num, with_ci
-    from harness.runner import ModelSession
 
     check_advice(args.format, args.budget)  # before the model loads
-    session = ModelSession(args.model, build())
-    try:
-        a = advise(session, args.format, args.budget, _names(args.positions), args.layers,
-                   MAX_CHUNKS if args.max_chunks is None else args.max_chunks)
-    finally:
-        session.close()
+    with _cluster(args) as client, _model_atlas(args.model, load_corpus(), args.max_chunks, client) as atlas:
+        a = advise_atlas(atlas, args.format, args.budget, _names(args.positions), args.layers)
     lines = [f"model {a['model']}, {a['fmt']}, budget {num(a['budget'])}: {len(a['sites'])} of {a['candidates']} "
              f"sites fit (smallest KLD first; that maximizes the count)"]
     if a["non_finite"]:
@@ -203,6 +229,27 @@ def _advise(args: argparse.Namespace) -> str:
         f"llama-perplexity -m {a['model_path']} {a['flags']} -f TEXT",
     ]
     return "\n".join(lines)
+
+
+def _workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--workers {text!r} is not allowed: give a number of worker processes >= 1")
+    return value
+
+
+def _cluster_options(p: argparse.ArgumentParser) -> None:
+    """--workers / --scheduler: measure the points still missing as tasks on a Dask cluster (docs/distributed.md)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_workers, metavar="N",
+                       help="measure the points on a local Dask cluster of N worker processes (llama.cpp threads: "
+                            "cores // N each); prints the Dask dashboard's address")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="measure the points on a running Dask cluster (tcp://host:8786); its workers need this "
+                            "harness and a harness cache (docs/distributed.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
     p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")
+    _cluster_options(p)
     p.set_defaults(run=_atlas)
     p = sub.add_parser("advise", help="the largest set of (position, layer) sites whose predicted KLD fits a budget")
     p.add_argument("--model", required=True, help="a model name as for `model`, or a .gguf path")
@@ -246,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", help="candidate layers: -1 (all, default), N, A-B, A,B")
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS; cached per value)")
+    _cluster_options(p)
     p.set_defaults(run=_advise)
     p = sub.add_parser("cache", help="what the cache holds by kind and size; `prune` drops what no current "
                                      "build or measurement version uses")

@@ -35,6 +35,9 @@ tight then; the report shows each point's chunk count and interval as measured.
 Points are cached one by one (PointStore: JSON published atomically under the harness cache,
 keyed like the runner's results by model, build, corpus, measurement version and the rule's constants), so a
 killed run resumes and loses at most the point in progress, and xdist workers share the work.
+A ModelAtlas plans from ModelFacts (what a loaded session tells of a model) and measures in this
+process; harness.atlas_cluster measures the same points as tasks on a Dask cluster, whose client
+never loads the model and publishes each record into the same store.
 
 Additivity (additivity): per position and format, the per-token sum over layers of the
 single-layer KLDs against the all-layers KLD, on the tokens every point involved measured (the
@@ -248,15 +251,20 @@ class PointStore:
         publish(self.path(point).parent, make)
         return json.loads(self.path(point).read_text()), measured
 
+    def put(self, point: Point, record: dict) -> dict:
+        """Publish a record measured elsewhere (a cluster's worker); the stored record, which is the
+        one published first when another process had published the point already."""
+        return self.get(point, lambda _: record)[0]
 
-def store_key(session: ModelSession, max_chunks: int) -> dict[str, str]:
+
+def store_key(session: ModelSession | ModelFacts, max_chunks: int) -> dict[str, str]:
     """What decides a point's record: the session's key (model, build, corpus, chunks, results
     version), the atlas's measurement version (harness.measurement) and the stopping rule's constants."""
     return dict(session.key, atlas=str(ATLAS_VERSION), max_chunks=str(max_chunks),
                 rule=f"{REL_HALF_WIDTH}/{RESAMPLES}/{CONFIDENCE}/{SEED}")
 
 
-def store_for(session: ModelSession, max_chunks: int, root: Path | None = None) -> PointStore:
+def store_for(session: ModelSession | ModelFacts, max_chunks: int, root: Path | None = None) -> PointStore:
     root = root or cache_root() / "atlas"
     key = store_key(session, max_chunks)
     return PointStore(root / session.entry_name(key), key)
@@ -326,33 +334,88 @@ def check_choice(kind: str, asked: Sequence[str], allowed: Sequence[str]) -> lis
     return [a for a in allowed if a in asked]
 
 
-class ModelAtlas:
-    """One model's atlas: its positions, its points and their store."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan, the point store and atlas.json need of a model, read from its loaded session:
+    in this process, or by a cluster's worker (harness.atlas_cluster), so that the client never
+    loads the model."""
 
-    def __init__(self, session: ModelSession, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> None:
-        if not 1 <= max_chunks <= len(session.chunks):
-            raise HarnessError(f"max chunks {max_chunks} outside 1-{len(session.chunks)} (the chunks the "
+    name: str
+    path: str
+    sha256: str
+    arch: str
+    weight_type: str
+    n_layer: int
+    n_chunks: int                   # the baseline's corpus chunks
+    targets: tuple[Target, ...]     # the context's fake-quant listing
+    key: dict[str, str]             # ModelSession.key: model, build, corpus, measurement version, settings
+    build: dict[str, str]           # the build's fingerprint
+    corpus: dict[str, str]          # name, sha256
+
+    @classmethod
+    def of(cls, session: ModelSession) -> ModelFacts:
+        return cls(session.name, str(session.file.path), session.file.sha256, session.info.arch,
+                   session.info.weight_type, session.model.n_layer, len(session.chunks),
+                   tuple(session.ctx.fake_quant_targets()), dict(session.key), dict(session.build.fingerprint),
+                   {"name": session.corpus.name, "sha256": session.corpus.sha256})
+
+    _tag = staticmethod(ModelSession._tag)
+    entry_name = ModelSession.entry_name  # the same store directory as the session's
+
+
+class ModelAtlas:
+    """One model's atlas: its positions, its points and their store; with `session`, measured in
+    this process (harness.atlas_cluster's ClusterAtlas measures on a Dask cluster instead)."""
+
+    def __init__(self, facts: ModelFacts, max_chunks: int = MAX_CHUNKS, root: Path | None = None,
+                 session: ModelSession | None = None) -> None:
+        if not 1 <= max_chunks <= facts.n_chunks:
+            raise HarnessError(f"max chunks {max_chunks} outside 1-{facts.n_chunks} (the chunks the "
                                f"matrix's baseline has)")
+        self.facts = facts
         self.session = session
         self.max_chunks = max_chunks
-        targets = session.ctx.fake_quant_targets()
-        self.positions = positions_of(targets, session.model.n_layer)
-        self.left_out = left_out(targets, session.model.n_layer)
+        self.positions = positions_of(facts.targets, facts.n_layer)
+        self.left_out = left_out(facts.targets, facts.n_layer)
         self.ne0 = {p.name: p.ne0 for p in self.positions}
-        self.store = store_for(session, max_chunks, root)
+        self.store = store_for(facts, max_chunks, root)
+
+    @classmethod
+    def of(cls, session: ModelSession, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> ModelAtlas:
+        return cls(ModelFacts.of(session), max_chunks, root, session)
 
     def select(self, positions: Sequence[str] | None) -> list[Position]:
         names = [p.name for p in self.positions]
         chosen = check_choice("position", positions, names) if positions else names
         return [p for p in self.positions if p.name in chosen]
 
+    def plan(self, positions: Sequence[str] | None, layers: str | None, formats: Sequence[str] | None) -> list[Point]:
+        """The atlas's points restricted to `positions`, `layers`, `formats` (None: every one)."""
+        fmts = check_choice("format", formats, FORMATS) if formats else list(FORMATS)
+        return plan(self.select(positions), parse_layers(layers, self.facts.n_layer), fmts)
+
+    def candidates(self, fmt: str, positions: Sequence[str] | None, layers: str | None) -> list[Point]:
+        """The advisor's single sites: each chosen position at each chosen layer, or alone if of no layer."""
+        chosen, chosen_layers = self.select(positions), parse_layers(layers, self.facts.n_layer)
+        points = [Point(p.name, fmt, il) for p in chosen if p.layered for il in chosen_layers]
+        return points + [Point(p.name, fmt) for p in chosen if not p.layered]
+
     def measure(self, point: Point) -> dict:
         return measure_point(self.session, point, self.ne0[point.position], self.max_chunks)
 
     def run(self, points: Sequence[Point]) -> tuple[list[dict], int]:
+        """Every point's record and how many were measured now (harness.atlas.run_points)."""
         if not all(self.store.has(p) for p in points):
             self.session.baseline_dir  # made (or found) before the clock of the ETA starts
-        return run_points(points, self.store, self.measure, f"{self.session.name} atlas")
+        return run_points(points, self.store, self.measure, f"{self.facts.name} atlas")
+
+    def measure_set(self, rules: Sequence[FakeQuantRule]) -> dict:
+        """Several rules measured as one run (the advised set); not stored."""
+        return measure_rules(self.session, rules, self.max_chunks)
+
+    def compute_seconds(self) -> float:
+        """Seconds inside llama_decode so far, for a run's timing."""
+        return self.session.ctx.compute_seconds
 
 
 def additivity(singles: Sequence[Sequence[float]], whole: Sequence[float]) -> dict:
@@ -386,9 +449,9 @@ def summary(record: dict) -> dict:
 
 def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, float]) -> dict:
     """One model's part of atlas.json: provenance, positions, point summaries, additivity and timing."""
-    s = atlas.session
+    f = atlas.facts
     by_point = {Point(**r["point"]): r for r in records}
-    n_layer = s.model.n_layer
+    n_layer = f.n_layer
     additive = []
     for p in (p for p in atlas.positions if p.layered):
         for fmt in SINGLE_FORMATS:
@@ -412,8 +475,8 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
     wall = sum(r["timing"]["wall_s"] for r in measured)
     compute = sum(r["timing"]["compute_s"] for r in measured)
     return {
-        "model": s.name, "label": matrix.model_label(s.name), "path": str(s.file.path), "sha256": s.file.sha256,
-        "arch": s.info.arch, "weight_type": s.info.weight_type, "n_layer": n_layer, "store": str(atlas.store.directory),
+        "model": f.name, "label": matrix.model_label(f.name), "path": f.path, "sha256": f.sha256,
+        "arch": f.arch, "weight_type": f.weight_type, "n_layer": n_layer, "store": str(atlas.store.directory),
         "max_chunks": atlas.max_chunks, "positions": [asdict(p) for p in atlas.positions], "left_out": atlas.left_out,
         "points": [summary(r) for r in records], "additivity": additive,
         "timing": {"points_wall_s": wall, "points_compute_s": compute,
@@ -421,10 +484,9 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
     }
 
 
-def provenance(session: ModelSession) -> dict:
+def provenance(facts: ModelFacts) -> dict:
     """What every model of one atlas shares: build, corpus, chunks, the stopping rule."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": session.build.fingerprint,
-            "corpus": {"name": session.corpus.name, "sha256": session.corpus.sha256},
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": facts.build, "corpus": dict(facts.corpus),
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
             "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,
@@ -434,15 +496,18 @@ def provenance(session: ModelSession) -> dict:
 def model_atlas(session: ModelSession, positions: Sequence[str] | None = None, layers: str | None = None,
                 formats: Sequence[str] | None = None, max_chunks: int = MAX_CHUNKS,
                 root: Path | None = None) -> tuple[dict, int]:
-    """Measure (or read) one model's atlas, restricted to `positions`, `layers`, `formats`; its
-    atlas.json part and the number of points measured now."""
+    """Measure (or read) one model's atlas in this process (measure_atlas)."""
+    return measure_atlas(ModelAtlas.of(session, max_chunks, root), positions, layers, formats)
+
+
+def measure_atlas(atlas: ModelAtlas, positions: Sequence[str] | None = None, layers: str | None = None,
+                  formats: Sequence[str] | None = None) -> tuple[dict, int]:
+    """One model's atlas restricted to `positions`, `layers`, `formats`, measured (or read from the
+    store): its atlas.json part and the number of points measured now."""
     started = time.perf_counter()
-    compute_before = session.ctx.compute_seconds
-    atlas = ModelAtlas(session, max_chunks, root)
-    fmts = check_choice("format", formats, FORMATS) if formats else list(FORMATS)
-    points = plan(atlas.select(positions), parse_layers(layers, session.model.n_layer), fmts)
-    records, measured = atlas.run(points)
-    run = {"run_wall_s": time.perf_counter() - started, "run_compute_s": session.ctx.compute_seconds - compute_before}
+    compute_before = atlas.compute_seconds()
+    records, measured = atlas.run(atlas.plan(positions, layers, formats))
+    run = {"run_wall_s": time.perf_counter() - started, "run_compute_s": atlas.compute_seconds() - compute_before}
     return assemble(atlas, records, run), measured
 
 
@@ -496,28 +561,29 @@ def check_advice(fmt: str, budget: float) -> None:
 
 def advise(session: ModelSession, fmt: str, budget: float, positions: Sequence[str] | None = None,
            layers: str | None = None, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> dict:
+    """advise_atlas in this process."""
+    return advise_atlas(ModelAtlas.of(session, max_chunks, root), fmt, budget, positions, layers)
+
+
+def advise_atlas(atlas: ModelAtlas, fmt: str, budget: float, positions: Sequence[str] | None = None,
+                 layers: str | None = None) -> dict:
     """The advised set for `budget` from the single-site points (measured now where missing),
     then that set measured as one run: predicted vs measured KLD and the flags that reproduce it."""
     check_advice(fmt, budget)
-    atlas = ModelAtlas(session, max_chunks, root)
-    chosen = atlas.select(positions)
-    candidates = [Point(p.name, fmt, il) for p in chosen if p.layered
-                  for il in parse_layers(layers, session.model.n_layer)]
-    candidates += [Point(p.name, fmt) for p in chosen if not p.layered]
-    records, measured_now = atlas.run(candidates)
+    records, measured_now = atlas.run(atlas.candidates(fmt, positions, layers))
     kld = {(r["point"]["position"], r["point"]["layer"]): r["kld_ci"][0] for r in records if has_kld(r)}
     excluded = [[r["point"]["position"], r["point"]["layer"]] for r in records if "non_finite" in r]
     sites = select_sites(kld, budget)
     rules = rules_for(sites, fmt)
-    advice = {"model": session.name, "fmt": fmt, "budget": budget, "candidates": len(kld), "non_finite": excluded,
+    advice = {"model": atlas.facts.name, "fmt": fmt, "budget": budget, "candidates": len(kld), "non_finite": excluded,
               "measured_now": measured_now, "sites": [list(s) for s in sites],
               "predicted": math.fsum(kld[s] for s in sites), "rules": [asdict(r) for r in rules],
-              "flags": cli_flags(rules), "model_path": str(session.file.path)}
+              "flags": cli_flags(rules), "model_path": atlas.facts.path}
     if not sites:
         advice["smallest"] = min(kld.values(), default=None)
         return advice
-    progress(f"{session.name}: measuring the advised set ({len(sites)} sites)")
-    run = measure_rules(session, rules, max_chunks)
+    progress(f"{atlas.facts.name}: measuring the advised set ({len(sites)} sites)")
+    run = atlas.measure_set(rules)
     if "non_finite" in run:  # each site alone was finite, together they are not: the budget did not hold
         return advice | {"measured": summary(run), "held": {"mean": False, "upper": False}, "prediction_error": None}
     mean, hi = run["kld_ci"][0], run["kld_ci"][2]

@@ -54,6 +54,12 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("results", 1, "f33cdb35b147df4a",
                  "models.model_info's gguf-info entry named by GGUF_INFO_VERSION instead of the module's source hash: "
                  "metadata only, no measured value reads it differently"),
+    Confirmation("atlas", 1, "7220dacc68d12eb0",
+                 "ModelFacts/ModelAtlas split for harness.atlas_cluster, PointStore.put: 22 points of smollm2-f32 "
+                 "(attn_norm, ffn_norm, l_out at layers 0,29 and all; bf16, f16, q8_0; max 2 chunks) measured by "
+                 "the code of 2153515921c49c79, by this code on a local Dask cluster of 2 workers, and in-process "
+                 "by this code before a change to ModelAtlas.candidates (the advisor's): all 22 records identical, "
+                 "timing aside"),
 )
 
 

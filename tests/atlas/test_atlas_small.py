@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from harness.atlas import Point, ModelAtlas, advise, model_atlas, provenance
+from harness.atlas import ModelAtlas, ModelFacts, Point, advise, model_atlas, provenance
 from harness.atlas_report import render_atlas
 from harness.intervals import paired_ci
 
@@ -51,7 +51,7 @@ def small(session):
 
 def kld_of(session, point: Point) -> np.ndarray:
     """A point's per-token KLDs, read from the point store."""
-    store = ModelAtlas(session, CHUNKS).store
+    store = ModelAtlas.of(session, CHUNKS).store
     return np.array(json.loads(store.path(point).read_text())["kld"])
 
 
@@ -87,7 +87,7 @@ def test_small_atlas_report(small, session, tmp_path):
     first = small[0]
     data = tmp_path / "atlas" / "atlas.json"
     data.parent.mkdir()
-    data.write_text(json.dumps({"provenance": provenance(session), "models": [first]}))
+    data.write_text(json.dumps({"provenance": provenance(ModelFacts.of(session)), "models": [first]}))
     text = render_atlas(data, tmp_path).read_text()
     ref = next(r for r in first["points"] if r["point"]["position"] == "result_output")
     assert f"## {MODEL} (F32 weights, llama, 30 layers)" in text
