@@ -419,7 +419,7 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
 def provenance(session: ModelSession) -> dict:
     """What every model of one atlas shares: build, corpus, chunks, the stopping rule."""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": session.build.fingerprint,
-            "corpus": {"name": session.corpus.name, "sha256": session.corpus.sha256},
+            "backend": session.backend, "corpus": {"name": session.corpus.name, "sha256": session.corpus.sha256},
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
             "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,

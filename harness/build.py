@@ -64,9 +64,38 @@ class Build:
 
     bin_dir: Path
     fingerprint: dict[str, str]
+    backend: str = "cpu"  # the backend built beside the CPU's
 
     def tool(self, name: str) -> Path:
         return self.bin_dir / name
+
+
+BACKEND_ENV, GPU_LAYERS_ENV = "FQ_BACKEND", "FQ_GPU_LAYERS"
+ALL_LAYERS = 999  # n_gpu_layers that offloads every layer and the output
+
+
+def offload(backend: str | None = None, gpu_layers: int | None = None) -> tuple[str, int]:
+    """The backend to run on and the layers to offload to its device: the arguments, else $FQ_BACKEND
+    and $FQ_GPU_LAYERS, else the CPU. A GPU backend offloads every layer (ALL_LAYERS) unless told
+    how many; the CPU offloads none."""
+    name = backend or os.environ.get(BACKEND_ENV) or "cpu"
+    if name not in BACKEND_FLAGS:
+        origin = "" if backend else f"${BACKEND_ENV}="
+        raise HarnessError(f"unknown backend {origin}{name!r} (allowed: {', '.join(BACKEND_FLAGS)})")
+    if gpu_layers is None and (text := os.environ.get(GPU_LAYERS_ENV, "").strip()):
+        try:
+            gpu_layers = int(text)
+        except ValueError:
+            raise HarnessError(f"${GPU_LAYERS_ENV}={text!r} is not a layer count (an integer >= 0)") from None
+    if gpu_layers is None:
+        gpu_layers = 0 if name == "cpu" else ALL_LAYERS
+    if gpu_layers < 0:
+        raise HarnessError(f"gpu layers {gpu_layers} is negative (allowed: 0 up to the model's layers; "
+                           f"{ALL_LAYERS} offloads every layer)")
+    if name == "cpu" and gpu_layers:
+        raise HarnessError(f"gpu layers {gpu_layers} needs a GPU backend (vulkan or cuda): the cpu backend offloads "
+                           "nothing")
+    return name, gpu_layers
 
 
 def _compiler() -> str:
@@ -222,4 +251,4 @@ def build(backend: str = "cpu") -> Build:
             (tmp / "build-info.json").write_text(json.dumps(info, indent=2) + "\n")
 
         publish(final, make)
-    return Build(bin_dir=final / "bin", fingerprint=fp)
+    return Build(bin_dir=final / "bin", fingerprint=fp, backend=backend)
