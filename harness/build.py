@@ -52,6 +52,7 @@ BACKEND_NEEDS = {
                ("/usr/share/cmake/SPIRV-Headers/SPIRV-HeadersConfig.cmake", "spirv-headers")),
     "cuda": (("nvcc", "nvidia-cuda-toolkit"),),
 }
+CUDA_ROOTS = ("/usr/local/cuda", "/usr")  # where a CUDA toolkit's include/ is looked for, beside nvcc's
 CUDA_ARCH_ENV = "FQ_CUDA_ARCHITECTURES"
 # CMake's CUDA_ARCHITECTURES entries: 90, 90-real, 86-virtual, 120a-real, all, all-major ("native" is
 # resolved here instead, so that the key names the architectures)
@@ -111,7 +112,7 @@ def _check_backend(backend: str) -> None:
         raise HarnessError(f"building the {backend} backend needs {', '.join(missing)}: "
                            f"apt-get install -y {' '.join(missing)}")
     if backend == "cuda":  # ggml-cuda links cuBLAS, which a bare nvcc (e.g. from pip) does not bring
-        roots = [Path(shutil.which("nvcc") or "nvcc").resolve().parent.parent, Path("/usr/local/cuda"), Path("/usr")]
+        roots = [Path(shutil.which("nvcc") or "nvcc").resolve().parent.parent, *map(Path, CUDA_ROOTS)]
         roots += [Path(os.environ[v]) for v in ("CUDA_PATH", "CUDA_HOME", "CUDAToolkit_ROOT") if os.environ.get(v)]
         includes = [d for root in roots for d in (root / "include", *root.glob("targets/*/include"))]
         if not any((d / "cublas_v2.h").exists() for d in includes):
