@@ -120,7 +120,11 @@ def environment() -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         return (proc.stdout + proc.stderr).strip()[-2000:]
 
-    return {"python": sys.version, "platform": platform.platform(), "cores": os.cpu_count(),
+    import importlib.util
+
+    origins = {name: getattr(importlib.util.find_spec(name), "origin", None)
+               for name in ("llama_cpp", "gguf", "yaml", "diskcache", "typing_extensions", "numpy", "ml_dtypes")}
+    return {"python": sys.version, "platform": platform.platform(), "cores": os.cpu_count(), "modules": origins,
             "nvidia_smi": ask("nvidia-smi", "--query-gpu=name,compute_cap,memory.total,driver_version",
                               "--format=csv,noheader"),
             "nvcc": ask("nvcc", "--version").splitlines()[-1:],

@@ -7,7 +7,8 @@
 # unpacked under /tmp and gives the build its llama.cpp source (FQ_LLAMA_CPP_SDIST) and Python the pure-Python
 # packages the node lacks (PYTHONPATH). Results go to --out (default $OUT, else ./gpu-check-out):
 # gpu_check.json (rewritten after every step), gpu_check.log, bench.json, archs-*.md.
-# $PYTHON picks the interpreter (default python3). Exit 0 when every step succeeded.
+# $PYTHON picks the interpreter (default python3), $FQ_UNPACK_DIR where the pack goes (default a new
+# /tmp/fq-offline.*). Exit 0 when every step succeeded.
 set -euo pipefail
 project=$(cd "$(dirname "$0")/.." && pwd)
 pack=""
@@ -20,7 +21,8 @@ while [ $# -gt 0 ]; do
 done
 if [ -n "$pack" ]; then
     [ -f "$pack" ] || { echo "error: --pack $pack: no such file" >&2; exit 2; }
-    unpacked=$(mktemp -d /tmp/fq-offline.XXXXXX)
+    unpacked=${FQ_UNPACK_DIR:-$(mktemp -d /tmp/fq-offline.XXXXXX)}
+    mkdir -p "$unpacked"
     tar xzf "$pack" -C "$unpacked"
     export FQ_LLAMA_CPP_SDIST="$unpacked/ffn-fake-quant-offline/llama.cpp"
     export PYTHONPATH="$unpacked/ffn-fake-quant-offline/site${PYTHONPATH:+:$PYTHONPATH}"
