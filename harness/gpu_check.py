@@ -12,9 +12,11 @@ Steps, in this order (each a process of its own or more, so a crash is a result,
   environment  nvidia-smi, nvcc, Python, cores
   build        python -m harness build --backend B (CUDA architectures: $FQ_CUDA_ARCHITECTURES or detected)
   abi          python -m harness.abi B: the bindings' ctypes mirrors against the built headers
-  load         the crash hunt: the same tiny model loaded by a C program, by the bindings without and
-               with a Python log callback, by the driver with the device hidden, with no layer and with
-               every layer offloaded; a crash is rerun under cuda-gdb (or gdb) for a native backtrace
+  load         the crash hunt: the same tiny model loaded by llama-completion (with and without its
+               parameter fitting), by a C program with the default parameters, by the bindings (as
+               loaded, loaded RTLD_GLOBAL first, with a Python log callback), by the driver with the device
+               hidden, with no layer and with every layer offloaded; a crash is rerun under cuda-gdb (or
+               gdb) for a native backtrace
   rules        rules changed on a live context: harness.backend_check change (refused, or accepted),
                and a renewed context against a fresh one, bit for bit
   bench        harness.bench on a model of the reference shape (TinyLlama 1.1B: n_embd 2048, 22 layers,
@@ -173,9 +175,12 @@ int main(int argc, char ** argv) {
 }
 """
 
-# the bindings alone: no harness code; LOG=1 sets a Python log callback as harness.driver does
+# the bindings alone: no harness code; PROBE_LOG=1 sets a Python log callback as harness.driver does,
+# PROBE_GLOBAL=1 loads libllama RTLD_GLOBAL before the bindings load it (RTLD_LOCAL, unlike a program's)
 PY_PROBE = r"""
 import ctypes, os, sys
+if os.environ["PROBE_GLOBAL"] == "1":
+    ctypes.CDLL(os.path.join(os.environ["LLAMA_CPP_LIB_PATH"], "libllama.so"), mode=os.RTLD_GLOBAL)
 import llama_cpp.llama_cpp as ll
 if os.environ["PROBE_LOG"] == "1":
     lines = []
@@ -234,6 +239,10 @@ def load_step(backend: str, model: Path, gpu_layers: int, work: Path) -> dict:
                                str(work / "load_probe.c"), f"-L{b.bin_dir}", "-lllama", f"-Wl,-rpath,{b.bin_dir}",
                                "-o", str(program)], capture_output=True, text=True)
     results: dict = {}
+    cli = [str(b.tool("llama-completion")), "-m", str(model), "-ngl", str(gpu_layers), "-p", "tok_1 tok_2", "-n", "4",
+           "-no-cnv", "--no-warmup"]
+    probes["llama-completion"] = (cli, env)
+    probes["llama-completion -fit off"] = (cli + ["-fit", "off"], env)
     if compiled.returncode == 0:
         probes["c"] = ([str(program), str(model), str(gpu_layers)], env)
     else:
@@ -241,8 +250,10 @@ def load_step(backend: str, model: Path, gpu_layers: int, work: Path) -> dict:
     (work / "py_probe.py").write_text(PY_PROBE)
     (work / "driver_probe.py").write_text(DRIVER_PROBE)
     py = [sys.executable, "-X", "faulthandler"]
-    probes["bindings"] = (py + [str(work / "py_probe.py"), str(model), str(gpu_layers)], dict(env, PROBE_LOG="0"))
-    probes["bindings+log"] = (py + [str(work / "py_probe.py"), str(model), str(gpu_layers)], dict(env, PROBE_LOG="1"))
+    bindings = py + [str(work / "py_probe.py"), str(model), str(gpu_layers)]
+    probes["bindings"] = (bindings, dict(env, PROBE_LOG="0", PROBE_GLOBAL="0"))
+    probes["bindings, RTLD_GLOBAL"] = (bindings, dict(env, PROBE_LOG="0", PROBE_GLOBAL="1"))
+    probes["bindings+log"] = (bindings, dict(env, PROBE_LOG="1", PROBE_GLOBAL="0"))
     driver = py + [str(work / "driver_probe.py"), str(model)]
     if backend in HIDE_DEVICES:
         probes["driver, device hidden"] = (driver + ["0", backend], dict(env, **HIDE_DEVICES[backend]))

@@ -51,7 +51,8 @@ def test_gpu_check_dry_run_on_the_cpu(build, tmp_path):
     assert [d.split(":")[0] for d in steps["abi"]["differences"]] == ["DIFFERS llama_opt_params.optimizer_type",
                                                                     "DIFFERS llama_opt_params.*"]
     probes = steps["load"]["probes"]
-    assert set(probes) == {"c", "bindings", "bindings+log", "driver, 0 layers"} and all(
+    assert set(probes) == {"llama-completion", "llama-completion -fit off", "c", "bindings", "bindings, RTLD_GLOBAL",
+                           "bindings+log", "driver, 0 layers"} and all(
         p["status"] == "ok" for p in probes.values()), probes
     assert steps["rules"]["change_after_decode"] == {"before": "", "add after": "", "clear after": ""}
     assert [c["differ"] for c in steps["rules"]["renewal"]["cases"]] == [0, 0, 0]
