@@ -134,9 +134,11 @@ def environment() -> dict:
 
 
 def build_step(backend: str) -> dict:
-    from harness.build import build
+    from harness.build import CUDA_ARCH_ENV, build, cuda_architectures
 
     b = build(backend)
+    if backend == "cuda":  # every child process then keys the same build without asking the GPU again
+        os.environ.setdefault(CUDA_ARCH_ENV, cuda_architectures()[0])
     info = json.loads((b.bin_dir.parent / "build-info.json").read_text())
     return {"bin_dir": str(b.bin_dir), "build_info": info}
 
@@ -218,7 +220,7 @@ def _backtrace(cmd: list[str], env: dict) -> str:
     if debugger is None:
         return "no cuda-gdb or gdb here"
     result = _run([debugger, "-batch", "-ex", "run", "-ex", "bt", "-ex", "info sharedlibrary", "--args", *cmd],
-                  timeout=240, env=env)
+                  timeout=150, env=env)
     return result["stdout"][-6000:] + result["stderr"][-2000:]
 
 
@@ -259,9 +261,12 @@ def load_step(backend: str, model: Path, gpu_layers: int, work: Path) -> dict:
         probes["driver, device hidden"] = (driver + ["0", backend], dict(env, **HIDE_DEVICES[backend]))
     probes["driver, 0 layers"] = (driver + ["0", backend], env)
     probes[f"driver, {gpu_layers} layers"] = (driver + [str(gpu_layers), backend], env)
+    traced = set()  # one native backtrace for a crash outside Python, one inside (a debugger run is slow)
     for name, (cmd, probe_env) in probes.items():
         results[name] = _run(cmd, timeout=180, env=probe_env)
-        if results[name]["status"].startswith("signal"):
+        kind = cmd[0] == sys.executable
+        if results[name]["status"].startswith("signal") and kind not in traced:
+            traced.add(kind)
             results[name]["backtrace"] = _backtrace(cmd, probe_env)
     crashed = [n for n, r in results.items() if r["status"] != "ok"]
     return {"model": str(model), "gpu_layers": gpu_layers, "probes": results,
