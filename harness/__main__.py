@@ -1,24 +1,38 @@
 """Command line: `python -m harness build | model NAME | targets NAME | archs | results | report | bench |
-atlas | advise | cache [prune] | measurement`.
+atlas | advise | cache [prune] | measurement | pack`.
 
 Progress goes to stderr; the last line of stdout is the result (a directory or a file path).
+Measuring commands take `--backend cpu|vulkan|cuda` and `--gpu-layers N` ($FQ_BACKEND, $FQ_GPU_LAYERS;
+default the CPU; a GPU backend offloads every layer unless told): docs/gpu.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
-from harness.build import BACKEND_FLAGS
+from harness.build import BACKEND_FLAGS, offload
 from harness.cache import HarnessError
+from harness.source import SOURCE_ENV
 
 
 def _build(args: argparse.Namespace) -> str:
     from harness.build import build
 
+    if args.source:  # for this process and every one it starts (harness.source.locate reads it)
+        os.environ[SOURCE_ENV] = args.source
     return str(build(args.backend).bin_dir)
+
+
+def _pack(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    from harness.pack import make_pack
+
+    return str(make_pack(Path(args.out), args.source))
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -36,12 +50,13 @@ def _results(args: argparse.Namespace) -> str:
     from harness.runner import ModelSession
     from harness.verdicts import write_results
 
-    fingerprint = build().fingerprint
+    backend, layers = offload(args.backend, args.gpu_layers)
+    b = build(backend)
     corpus = load_corpus()
-    sessions = {name: ModelSession(name, build(), corpus) for name in matrix.experiment_models()}
+    sessions = {name: ModelSession(name, b, corpus, gpu_layers=layers) for name in matrix.experiment_models()}
     try:
-        path = write_results(sessions, fingerprint, {"name": corpus.name, "sha256": corpus.sha256,
-                                                     "n_chars": len(corpus.text)})
+        path = write_results(sessions, b.fingerprint, {"name": corpus.name, "sha256": corpus.sha256,
+                                                       "n_chars": len(corpus.text)})
     finally:
         for session in sessions.values():
             session.close()
@@ -96,7 +111,11 @@ def _archs(args: argparse.Namespace) -> str:
     from harness.archs import check_all, table, update_readme
     from harness.build import build
 
-    text = table(check_all(build()))
+    backend, layers = offload(args.backend, args.gpu_layers)
+    if args.readme and backend != "cpu":
+        raise HarnessError("--readme rewrites native/README.md's table of the CPU build: run it without --backend")
+    where = f", {backend} build with {layers} layers offloaded" if backend != "cpu" else ""
+    text = table(check_all(build(backend), args.workers, layers, _names(args.only) or ()), where)
     if args.readme:
         update_readme(text)
     return text
@@ -108,8 +127,9 @@ def _targets(args: argparse.Namespace) -> str:
     from harness.driver import Model
     from harness.models import get_model
 
-    b = build()
-    model = Model(get_model(args.name, b).path, b)
+    backend, layers = offload(args.backend, args.gpu_layers)
+    b = build(backend)
+    model = Model(get_model(args.name, b).path, b, n_gpu_layers=layers)
     ctx = model.context(args.n_ctx)
     try:
         rows = [f"{t.graph}\t{t.name}\t{','.join(map(str, t.layers)) or '-'}\t{'x'.join(map(str, t.shape))}\t{t.count}"
@@ -149,7 +169,8 @@ def _cluster(args: argparse.Namespace) -> Iterator:
 
 
 @contextlib.contextmanager
-def _model_atlas(name: str, corpus, max_chunks: int | None, client, build_key: str | None = None) -> Iterator:
+def _model_atlas(name: str, corpus, max_chunks: int | None, client, build_key: str | None = None,
+                 backend: str = "cpu", gpu_layers: int = 0) -> Iterator:
     """One model's ModelAtlas: on the cluster (a worker loads the model) or on a session in this process."""
     from harness.atlas import MAX_CHUNKS, ModelAtlas
 
@@ -157,12 +178,13 @@ def _model_atlas(name: str, corpus, max_chunks: int | None, client, build_key: s
     if client is not None:
         from harness.atlas_cluster import ClusterAtlas
 
-        yield ClusterAtlas.open(client, name, corpus, max_chunks, build_key=build_key)
+        yield ClusterAtlas.open(client, name, corpus, max_chunks, build_key=build_key, backend=backend,
+                                gpu_layers=gpu_layers)
         return
     from harness.build import build
     from harness.runner import ModelSession
 
-    session = ModelSession(name, build(), corpus)
+    session = ModelSession(name, build(backend), corpus, gpu_layers=gpu_layers)
     try:
         yield ModelAtlas.of(session, max_chunks)
     finally:
@@ -180,12 +202,15 @@ def _atlas(args: argparse.Namespace) -> str:
     from harness.corpus import load_corpus
 
     names = _names(args.models) or list(matrix.experiment_models())
+    backend, layers = offload(args.backend, args.gpu_layers)
     corpus = load_corpus()
     parts, prov = [], None
+    backend, layers = offload(args.backend, args.gpu_layers)
     with _cluster(args) as client:
         for name in names:
             # on a cluster, every model's points are measured with the first model's build
-            with _model_atlas(name, corpus, args.max_chunks, client, prov and prov["build"]["key"]) as atlas:
+            with _model_atlas(name, corpus, args.max_chunks, client, prov and prov["build"]["key"],
+                              backend, layers) as atlas:
                 prov = prov or provenance(atlas.facts)
                 part, measured = measure_atlas(atlas, _names(args.positions), args.layers, _names(args.formats))
             print(f"[harness] {name}: {measured} points measured, {len(part['points']) - measured} from the cache",
@@ -205,7 +230,9 @@ def _advise(args: argparse.Namespace) -> str:
     from harness.report import num, with_ci
 
     check_advice(args.format, args.budget)  # before the model loads
-    with _cluster(args) as client, _model_atlas(args.model, load_corpus(), args.max_chunks, client) as atlas:
+    backend, layers = offload(args.backend, args.gpu_layers)
+    with _cluster(args) as client, _model_atlas(args.model, load_corpus(), args.max_chunks, client, None,
+                                                backend, layers) as atlas:
         a = advise_atlas(atlas, args.format, args.budget, _names(args.positions), args.layers)
     lines = [f"model {a['model']}, {a['fmt']}, budget {num(a['budget'])}: {len(a['sites'])} of {a['candidates']} "
              f"sites fit (smallest KLD first; that maximizes the count)"]
@@ -252,18 +279,44 @@ def _cluster_options(p: argparse.ArgumentParser) -> None:
                             "harness and a harness cache (docs/distributed.md)")
 
 
+def _gpu_layers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"gpu layers {text!r} is not an integer >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"gpu layers {text!r} is negative (allowed: 0 or more; 999 offloads all)")
+    return value
+
+
+def _offload_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=sorted(BACKEND_FLAGS),
+                   help="the build to run on: cpu (default, or $FQ_BACKEND), vulkan or cuda")
+    p.add_argument("--gpu-layers", type=_gpu_layers,
+                   help="layers on the GPU backend's device (default: every one, or $FQ_GPU_LAYERS)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="build (or reuse) the patched llama.cpp; prints the bin directory")
     p.add_argument("--backend", choices=sorted(BACKEND_FLAGS), default="cpu",
-                   help="a backend beside the CPU: vulkan (tested on Mesa lavapipe) or cuda (offered, not tested)")
+                   help="a backend beside the CPU: vulkan (tested on Mesa lavapipe) or cuda (docs/gpu.md; "
+                        "architectures from $FQ_CUDA_ARCHITECTURES or this machine's GPUs)")
+    p.add_argument("--source", help=f"the pinned sdist file or a trimmed tree made by `pack` (as ${SOURCE_ENV}; "
+                                    "default: download the sdist)")
     p.set_defaults(run=_build)
+    p = sub.add_parser("pack", help="one archive with what an offline GPU node needs: the trimmed llama.cpp, "
+                                    "the pure-Python dependencies, the project; prints its path")
+    p.add_argument("--out", default="dist/ffn-fake-quant-offline.tar.gz", help="the archive (default: %(default)s)")
+    p.add_argument("--source", help=f"the pinned sdist file (as ${SOURCE_ENV}; default: download it)")
+    p.set_defaults(run=_pack)
     p = sub.add_parser("model", help="prepare a model; prints the path of its GGUF file")
     p.add_argument("name", help="smollm2-q4_1, smollm2-f32, smollm2-f16, gemma3-q4_k_m, gemma3-f32, user ($FQ_MODEL) "
                                 "or a .gguf path")
     p.set_defaults(run=_model)
     p = sub.add_parser("results", help="measure (or reuse) every group of the matrix; prints the results file")
+    _offload_options(p)
     p.set_defaults(run=_results)
     p = sub.add_parser("report", help="render a results file into index.md + PNG plots; prints index.md's path")
     p.add_argument("--results", help="results file (default: $FQ_RESULTS or report/results.json)")
@@ -272,9 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("targets", help="list the names fake quantization can target in a model's graphs")
     p.add_argument("name", help="a model name as for `model`, or a .gguf path")
     p.add_argument("--n-ctx", type=int, default=512, help="tokens of the pp graph (default 512)")
+    _offload_options(p)
     p.set_defaults(run=_targets)
     p = sub.add_parser("archs", help="every architecture's tiny model: every name, native vs reference")
     p.add_argument("--readme", action="store_true", help="also rewrite the generated table in native/README.md")
+    p.add_argument("--workers", type=int, default=2, help="models checked at once, a process each (default 2)")
+    p.add_argument("--only", nargs="+", help="model file names starting with these (e.g. llama-dense qwen3-moe)")
+    _offload_options(p)
     p.set_defaults(run=_archs)
     p = sub.add_parser("atlas", help="the precision atlas: every position x layer x format; writes atlas.md")
     p.add_argument("--models", nargs="+", help="model names (default: the experiment models, $FQ_EXPERIMENT_MODELS)")
@@ -285,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
     p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")
     _cluster_options(p)
+    _offload_options(p)
     p.set_defaults(run=_atlas)
     p = sub.add_parser("advise", help="the largest set of (position, layer) sites whose predicted KLD fits a budget")
     p.add_argument("--model", required=True, help="a model name as for `model`, or a .gguf path")
@@ -295,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS; cached per value)")
     _cluster_options(p)
+    _offload_options(p)
     p.set_defaults(run=_advise)
     p = sub.add_parser("cache", help="what the cache holds by kind and size; `prune` drops what no current "
                                      "build or measurement version uses")

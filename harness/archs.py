@@ -4,7 +4,9 @@ and by the eval-callback reference, and the logits bits and the counts are compa
 
 Each model runs in its own process (a crash in one architecture's graph must not take the others
 with it), two at a time. `python -m harness archs` prints the table; `--readme` also rewrites the
-generated section of native/README.md.
+generated section of native/README.md. `--backend vulkan|cuda [--gpu-layers N]` runs the same on a
+GPU build with N layers offloaded (default: all); there each rule set gets a fresh context (the
+rules of a GPU context are fixed after its first decode; harness.driver renews it).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +54,7 @@ def arch_models(build: Build) -> Path:
     return publish(final, make)
 
 
-def check_model(path: Path, build: Build) -> ArchResult:
+def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
     """In this process: every pp-graph name, bf16 at all its tensors, native vs reference."""
     import numpy as np
 
@@ -60,7 +63,7 @@ def check_model(path: Path, build: Build) -> ArchResult:
 
     result = ArchResult(path.name, "ok")
     try:
-        model = Model(path, build)
+        model = Model(path, build, n_gpu_layers=gpu_layers)
     except HarnessError as err:
         result.status = "cannot load: " + str(err).splitlines()[-1].strip()
         return result
@@ -108,10 +111,10 @@ def check_model(path: Path, build: Build) -> ArchResult:
     return result
 
 
-def _check_in_subprocess(path: Path) -> ArchResult:
+def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0) -> ArchResult:
     env = dict(os.environ, FQ_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path), backend, str(gpu_layers)],
+                          capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["no output"]
         reason = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exit {proc.returncode}: {lines[-1]}"
@@ -122,23 +125,24 @@ def _check_in_subprocess(path: Path) -> ArchResult:
     return ArchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def check_all(build: Build, workers: int = 2) -> list[ArchResult]:
-    """Every generated model, `workers` processes at a time, in name order."""
-    paths = sorted(arch_models(build).glob("*.gguf"))
+def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequence[str] = ()) -> list[ArchResult]:
+    """Every generated model (or those whose file names start with one of `only`), `workers`
+    processes at a time, in name order."""
+    paths = [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
     results: list[ArchResult] = []
     with ThreadPoolExecutor(workers) as pool:
-        for i, result in enumerate(pool.map(_check_in_subprocess, paths), 1):
+        for i, result in enumerate(pool.map(lambda p: _check_in_subprocess(p, build.backend, gpu_layers), paths), 1):
             results.append(result)
             progress(f"architectures {i}/{len(paths)}: {result.model} {result.status}")
     return results
 
 
-def table(results: list[ArchResult]) -> str:
-    """Markdown: model → names of its graph, ffn_norm sites, bitwise result."""
+def table(results: list[ArchResult], where: str = "") -> str:
+    """Markdown: model → names of its graph, ffn_norm sites, bitwise result (`where`: the backend, if not the CPU)."""
     ok = sum(r.status == "ok" for r in results)
     lines = [f"{ok} of {len(results)} models: every name bit-identical to the reference with equal counts. "
              f"Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, bf16 at every tensor of one name "
-             "at a time.", "",
+             f"at a time{where}.", "",
              "| model | names in the computed graph | `ffn_norm` sites | native == reference |", "|---|---|---|---|"]
     for r in results:
         verdict = {"ok": f"bit-identical ({len(r.names)} names)",
@@ -156,7 +160,8 @@ def update_readme(text: str) -> None:
     README.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
 
 
-if __name__ == "__main__":  # one model, in a child process of check_all
+if __name__ == "__main__":  # one model, in a child process of check_all: PATH [BACKEND GPU_LAYERS]
     from harness.build import build as _build
 
-    print(json.dumps(asdict(check_model(Path(sys.argv[1]), _build()))))
+    backend, layers = (sys.argv[2], int(sys.argv[3])) if len(sys.argv) > 3 else ("cpu", 0)
+    print(json.dumps(asdict(check_model(Path(sys.argv[1]), _build(backend), layers))))

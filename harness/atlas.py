@@ -351,13 +351,14 @@ class ModelFacts:
     key: dict[str, str]             # ModelSession.key: model, build, corpus, measurement version, settings
     build: dict[str, str]           # the build's fingerprint
     corpus: dict[str, str]          # name, sha256
+    backend: dict                   # ModelSession.backend: the build's backend, offloaded layers, devices
 
     @classmethod
     def of(cls, session: ModelSession) -> ModelFacts:
         return cls(session.name, str(session.file.path), session.file.sha256, session.info.arch,
                    session.info.weight_type, session.model.n_layer, len(session.chunks),
                    tuple(session.ctx.fake_quant_targets()), dict(session.key), dict(session.build.fingerprint),
-                   {"name": session.corpus.name, "sha256": session.corpus.sha256})
+                   {"name": session.corpus.name, "sha256": session.corpus.sha256}, dict(session.backend))
 
     _tag = staticmethod(ModelSession._tag)
     entry_name = ModelSession.entry_name  # the same store directory as the session's
@@ -486,7 +487,8 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
 
 def provenance(facts: ModelFacts) -> dict:
     """What every model of one atlas shares: build, corpus, chunks, the stopping rule."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": facts.build, "corpus": dict(facts.corpus),
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": facts.build, "backend": facts.backend,
+            "corpus": dict(facts.corpus),
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
             "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,

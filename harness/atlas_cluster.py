@@ -55,10 +55,12 @@ class ModelSpec:
     code: tuple[str, str]       # measurement_code() of the client's harness
     sha256: str | None = None   # the model file's; None until a worker has described the model
     build_key: str | None = None
+    backend: str = "cpu"        # harness.build.offload: the build to run on and the layers on its device
+    gpu_layers: int = 0
 
     @property
     def session_key(self) -> tuple:
-        return self.model, self.corpus_sha256, self.code
+        return self.model, self.corpus_sha256, self.code, self.backend, self.gpu_layers
 
 
 def _refuse(what: str, worker: str, theirs: object, ours: object, fix: str) -> HarnessError:
@@ -75,7 +77,7 @@ def open_session(spec: ModelSpec, worker: str) -> ModelSession:
 
         raise _refuse("harness measurement code", worker, text(code), text(spec.code),
                       "install the same harness on every worker")
-    key = fingerprint()["key"]
+    key = fingerprint(spec.backend)["key"]
     if spec.build_key is not None and key != spec.build_key:
         raise _refuse("build key", worker, key, spec.build_key,
                       "the compiler or the patch differs (harness.build.fingerprint)")
@@ -83,7 +85,7 @@ def open_session(spec: ModelSpec, worker: str) -> ModelSession:
     if corpus.sha256 != spec.corpus_sha256:
         raise _refuse("corpus", worker, f"{corpus.name} {corpus.sha256[:12]}", spec.corpus_sha256[:12],
                       "set $FQ_CORPUS on the workers to the client's text")
-    return ModelSession(spec.model, build(), corpus)
+    return ModelSession(spec.model, build(spec.backend), corpus, gpu_layers=spec.gpu_layers)
 
 
 class AtlasWorker(WorkerPlugin):
@@ -171,10 +173,12 @@ class ClusterAtlas(ModelAtlas):
 
     @classmethod
     def open(cls, client: Client, model: str, corpus: Corpus | None = None, max_chunks: int = MAX_CHUNKS,
-             root: Path | None = None, build_key: str | None = None) -> ClusterAtlas:
+             root: Path | None = None, build_key: str | None = None, backend: str = "cpu",
+             gpu_layers: int = 0) -> ClusterAtlas:
         """A worker describes `model` (and keeps it loaded); its sha256 and build key then pin every task."""
         corpus = corpus or load_corpus()
-        spec = ModelSpec(model, corpus.sha256, measurement_code(), build_key=build_key)
+        spec = ModelSpec(model, corpus.sha256, measurement_code(), build_key=build_key, backend=backend,
+                         gpu_layers=gpu_layers)
         progress(f"{model}: a worker describes the model (on a fresh cache it builds, derives or downloads first)")
         facts = client.submit(describe_task, spec, pure=False).result()
         return cls(client, replace(spec, sha256=facts.sha256, build_key=facts.build["key"]), facts, max_chunks, root)

@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.atlas import has_kld, layer_spec
 from harness.cache import HarnessError
-from harness.report import _pyplot, _save, _yerr, duration, num, pct, ratio, table, with_ci
+from harness.report import _pyplot, _save, _yerr, backend_text, duration, num, pct, ratio, table, with_ci
 
 TOP_PAIRS = 10
 MARKERS = "os^vD<>pPX*hH8d"  # one per format, in the order the atlas lists them
@@ -211,6 +211,7 @@ def section_intro(data: dict) -> list[str]:
         f"- Date: {p['date']}; build `{b['key']}` (llama.cpp `{b['llama_cpp_commit'][:12]}`, patch "
         f"`{b['patch_sha256'][:12]}`); corpus {p['corpus']['name']} (`{p['corpus']['sha256'][:12]}`), the matrix's "
         f"chunks of {p['n_ctx']} tokens, {n} scored per chunk.",
+        f"- Backend: {backend_text(p.get('backend'))}.",
         f"- Each point rounds one position (a name of the computed graph) at one layer, or at every layer at once, "
         f"and is compared with the model's FP32-compute baseline: **mean KLD** (nats) with a 95 % circular block "
         f"bootstrap interval ({rule['resamples']} resamples, Politis-White block length, seed {rule['seed']}), "

@@ -6,7 +6,7 @@ the graph), another the reference's (the eval callback rounds the device tensors
 ggml_backend_tensor_get/_set), each with a single context; the caller compares the saved logits.
 
     python -m harness.backend_check native|reference BACKEND N_GPU_LAYERS MODEL.gguf CASES_JSON OUT_DIR
-    python -m harness.backend_check change BACKEND N_GPU_LAYERS MODEL.gguf
+    python -m harness.backend_check change|renew BACKEND N_GPU_LAYERS MODEL.gguf
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def run_side(side: str, backend: str, n_gpu_layers: int, model_path: Path, cases
 
 
 def change_after_decode(backend: str, n_gpu_layers: int, model_path: Path) -> dict[str, str]:
-    """In this process: rules set before a context's first decode, then a change after it (refused on
-    a context with a GPU backend: native/README.md, Vulkan). The messages, "" where accepted."""
+    """In this process: rules set before a context's first decode, then a change after it, on the live
+    context (libllama refuses it on a context with a GPU backend: native/README.md, Vulkan; the driver's
+    renewal is turned off here). The messages, "" where accepted."""
     from harness.build import build
     from harness.driver import FakeQuantError, FakeQuantRule, Model
 
@@ -85,7 +86,7 @@ def change_after_decode(backend: str, n_gpu_layers: int, model_path: Path) -> di
             for step, rules in (("before", [FakeQuantRule("ffn_norm", "bf16")]),
                                 ("add after", [FakeQuantRule("attn_norm", "bf16")]), ("clear after", [])):
                 try:
-                    ctx.set_fake_quant(rules)
+                    ctx.set_fake_quant(rules, renew=False)
                     outcome[step] = ""
                 except FakeQuantError as err:
                     outcome[step] = str(err)
@@ -95,6 +96,42 @@ def change_after_decode(backend: str, n_gpu_layers: int, model_path: Path) -> di
     finally:
         model.close()
     return outcome
+
+
+RENEW_CASES = ([("ffn_norm", "bf16")], [("attn_norm", "bf16"), ("result_output", "f16")], [])
+
+
+def renew_against_fresh(backend: str, n_gpu_layers: int, model_path: Path) -> dict:
+    """In this process: one context switched between rule sets after decodes (on a GPU backend the
+    driver renews it each time) against a fresh context per rule set, logits bit for bit."""
+    from harness.build import build
+    from harness.driver import FakeQuantRule, Model
+
+    model = Model(model_path, build(backend), n_gpu_layers=n_gpu_layers)
+    tokens = model.tokenize(TEXT)[:N_CTX]
+    cases = []
+    try:
+        live = model.context(N_CTX)
+        try:
+            baseline = live.logits(tokens).view(np.uint32)
+            for case in RENEW_CASES:
+                rules = [FakeQuantRule(t, f) for t, f in case]
+                live.set_fake_quant(rules)
+                got = live.logits(tokens)
+                fresh = model.context(N_CTX)
+                try:
+                    fresh.set_fake_quant(rules)
+                    want = fresh.logits(tokens)
+                finally:
+                    fresh.close()
+                cases.append({"rules": case, "differ": int((got.view(np.uint32) != want.view(np.uint32)).sum()),
+                              "changed": bool((got.view(np.uint32) != baseline).any())})
+            renewed = live.renewed
+        finally:
+            live.close()
+    finally:
+        model.close()
+    return {"gpu": model.gpu, "renewed": renewed, "cases": cases}
 
 
 def _bits(path: Path) -> np.ndarray:
@@ -125,8 +162,9 @@ def check(backend: str, n_gpu_layers: int, model_path: Path, cases: list[tuple[s
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "change":
-        print(json.dumps(change_after_decode(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))))
+    if sys.argv[1] in ("change", "renew"):
+        check_of = change_after_decode if sys.argv[1] == "change" else renew_against_fresh
+        print(json.dumps(check_of(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))))
         sys.exit(0)
     run_side(sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]),
              [tuple(c) for c in json.loads(sys.argv[5])], Path(sys.argv[6]))

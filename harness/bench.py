@@ -15,10 +15,11 @@ Memory: each configuration runs once more in a fresh interpreter, which reports 
 compute-buffer size (from its log; setting rules re-reserves with a new scheduler, so the size
 is the fake-quantized graph's own) and its peak RSS after one prompt batch.
 
-Backend: `--backend vulkan` (or cuda) runs the same with that build and every layer offloaded, so
-the fake-quant nodes are the portable casts on the device; the compute buffer is the device's.
-libllama is bound once per process, so the whole run, memory children included, uses that build.
-On Mesa's lavapipe (a CPU Vulkan driver) the device is hidden unless GGML_VK_VISIBLE_DEVICES=0.
+Backend: `--backend vulkan` (or cuda) runs the same with that build and every layer offloaded
+(`--gpu-layers N`: N of them), so the fake-quant nodes are the portable casts on the device; the
+compute buffer is the device's. libllama is bound once per process, so the whole run, memory
+children included, uses that build. On Mesa's lavapipe (a CPU Vulkan driver) the device is hidden
+unless GGML_VK_VISIBLE_DEVICES=0.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from harness import driver
-from harness.build import Build, build
+from harness.build import Build, build, offload
 from harness.cache import HarnessError, cpu_model, progress
 from harness.corpus import load_corpus
 from harness.driver import Context, FakeQuantRule, Model
-from harness.models import get_model
+from harness.models import DERIVED, get_model
 from harness.reference import ReferenceFakeQuant
 
 TARGET_OVERHEAD_PCT = 1.0  # for the native configurations
@@ -61,7 +62,6 @@ PHASES = ("pp", "tg")
 _BUFFER_LINE = re.compile(r"(\S+) compute buffer size =\s*([0-9.]+) MiB")
 # the buffer type that holds each backend's compute buffer with every layer offloaded
 DEVICE_BUFFER = {"cpu": "CPU", "vulkan": "Vulkan0", "cuda": "CUDA0"}
-ALL_LAYERS = 999  # n_gpu_layers that offloads every layer and the output
 
 
 def paired_ratios(times: Sequence[float], base: Sequence[float]) -> dict[str, float]:
@@ -107,7 +107,7 @@ def _child() -> None:
     """Run in a fresh interpreter: one configuration, one prompt batch, then report memory."""
     spec = json.load(sys.stdin)
     backend = spec["backend"]
-    model = Model(Path(spec["model"]), build(backend), n_gpu_layers=offloaded_layers(backend))
+    model = Model(Path(spec["model"]), build(backend), n_gpu_layers=spec["gpu_layers"])
     ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
     mib = compute_buffer_mib(backend)
     ctx.logits(spec["tokens"], copy=False)
@@ -117,14 +117,10 @@ def _child() -> None:
     print(json.dumps({"compute_buffer_mib": mib, "max_rss_kib": int(hwm.split()[1])}))
 
 
-def offloaded_layers(backend: str) -> int:
-    return 0 if backend == "cpu" else ALL_LAYERS
-
-
-def _memory(model_path: Path, backend: str, config: str, n_ctx: int, threads: int,
+def _memory(model_path: Path, backend: str, gpu_layers: int, config: str, n_ctx: int, threads: int,
             tokens: list[int]) -> dict[str, float]:
-    spec = {"model": str(model_path), "backend": backend, "config": config, "n_ctx": n_ctx, "threads": threads,
-            "tokens": tokens}
+    spec = {"model": str(model_path), "backend": backend, "gpu_layers": gpu_layers, "config": config, "n_ctx": n_ctx,
+            "threads": threads, "tokens": tokens}
     root = str(Path(__file__).resolve().parent.parent)  # the child imports this same harness
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
@@ -150,10 +146,11 @@ def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_toke
     return {"wall_s": wall, "compute_s": ctx.compute_seconds - compute0, "tokens": n}
 
 
-def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: int, repetitions: int,
-                 threads: int) -> dict:
-    file = get_model(name, build())  # derived models are made by the CPU build's llama-quantize (a subprocess)
-    model = Model(file.path, b, n_gpu_layers=offloaded_layers(backend))
+def _bench_model(name: str, b: Build, backend: str, gpu_layers: int, pp_tokens: int, tg_tokens: int,
+                 repetitions: int, threads: int) -> dict:
+    # derived models are made by the CPU build's llama-quantize (a subprocess); other models need no build
+    file = get_model(name, build() if name in DERIVED else None)
+    model = Model(file.path, b, n_gpu_layers=gpu_layers)
     text = load_corpus().text
     pp = model.tokenize(text[: pp_tokens * 20])[:pp_tokens]
     if len(pp) < pp_tokens:
@@ -177,7 +174,7 @@ def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: i
             ctx.close()
         model.close()
 
-    memory = {cfg: _memory(file.path, backend, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
+    memory = {cfg: _memory(file.path, backend, gpu_layers, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
     configs = {}
     for cfg, (rules, reference) in CONFIGS.items():
         entry: dict = {"rules": [asdict(r) for r in rules], "reference": reference, "applied": applied[cfg]}
@@ -202,10 +199,10 @@ def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: i
             "configs": configs}
 
 
-def _machine(threads: int, b: Build, backend: str) -> dict:
+def _machine(threads: int, b: Build, backend: str, gpu_layers: int) -> dict:
     return {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "threads": threads, "platform": platform.platform(),
             "python": platform.python_version(), "build_key": b.fingerprint["key"], "backend": backend,
-            "n_gpu_layers": offloaded_layers(backend),
+            "n_gpu_layers": gpu_layers, "devices": [asdict(d) for d in driver.devices(b)],
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "loadavg_start": os.getloadavg()}
 
@@ -238,8 +235,9 @@ def _suite() -> dict | None:
 
 def _summary(result: dict) -> str:
     m = result["machine"]
+    gpus = [f"{d['name']} ({d['description']})" for d in m.get("devices", []) if d["type"] in ("GPU", "IGPU")]
     lines = [f"{m['cpu_model']} ({m['cpu_count']} cpus, {m['threads']} threads), build {m['build_key']} "
-             f"({m['backend']}, {m['n_gpu_layers']} layers offloaded); "
+             f"({m['backend']}, {m['n_gpu_layers']} layers offloaded{' to ' + ', '.join(gpus) if gpus else ''}); "
              f"build cold {result['build']['cold_s']} s, warm {result['build']['warm_s'] * 1000:.0f} ms",
              f"target: native overhead <= {TARGET_OVERHEAD_PCT:g} % (median of per-round ratios to off; "
              f"[min..max] over {result['settings']['repetitions']} rounds)",
@@ -263,20 +261,23 @@ def _summary(result: dict) -> str:
 
 def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tokens: int = 512, tg_tokens: int = 128,
               repetitions: int = 5, threads: int | None = None, out: Path | None = None,
-              backend: str = "cpu") -> dict:
-    """Measure every model and configuration, write the JSON to `out`, print a table to stderr."""
+              backend: str | None = None, gpu_layers: int | None = None, suite: bool = True) -> dict:
+    """Measure every model and configuration, write the JSON to `out`, print a table to stderr.
+    `suite`: also read the suite's share of time in llama.cpp from the last results file."""
     if pp_tokens < 1 or tg_tokens < 1 or repetitions < 1:
         raise HarnessError("pp, tg and repetitions must be at least 1")
+    backend, gpu_layers = offload(backend, gpu_layers)
     b = build(backend)
     threads = threads or driver.default_threads()
     result = {
-        "machine": _machine(threads, b, backend),
+        "machine": _machine(threads, b, backend, gpu_layers),
         "build": _build_times(b, backend),
         "settings": {"pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "repetitions": repetitions,
                      "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
         "target_overhead_pct": TARGET_OVERHEAD_PCT,
-        "models": {name: _bench_model(name, b, backend, pp_tokens, tg_tokens, repetitions, threads) for name in models},
-        "suite": _suite(),
+        "models": {name: _bench_model(name, b, backend, gpu_layers, pp_tokens, tg_tokens, repetitions, threads)
+                   for name in models},
+        "suite": _suite() if suite else None,
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
     out = out or Path("report") / "bench.json"
@@ -336,8 +337,10 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="llama.cpp threads (default $FQ_THREADS or all cores)")
     p.add_argument("--out", type=Path, help="JSON output (default report/bench.json)")
     p.add_argument("--quick", action="store_true", help="smoke settings: smollm2-q4_1, pp 64, tg 8, 2 rounds")
-    p.add_argument("--backend", choices=sorted(DEVICE_BUFFER), default="cpu",
-                   help="build to run: cpu (default), or vulkan/cuda with every layer offloaded")
+    p.add_argument("--backend", choices=sorted(DEVICE_BUFFER),
+                   help="build to run: cpu (default, or $FQ_BACKEND), or vulkan/cuda with every layer offloaded")
+    p.add_argument("--gpu-layers", type=int,
+                   help="layers offloaded to the GPU backend's device (default: every one, or $FQ_GPU_LAYERS)")
     p.add_argument("--token-stats", action="store_true",
                    help="only time the token statistics (harness.metrics) per block size and thread count")
     args = p.parse_args(argv)
@@ -354,7 +357,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     try:
         run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
                   repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out,
-                  backend=args.backend)
+                  backend=args.backend, gpu_layers=args.gpu_layers)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from harness.cache import HarnessError
 
 _llama = None  # the llama_cpp.llama_cpp module, bound to the patched library
 _ggml_base = None
+_ggml = None  # libggml: the backend registry
 
 
 class FakeQuantError(ValueError):
@@ -42,7 +43,7 @@ class FakeQuantRule:
 
 def bind(build: Build):
     """Import llama_cpp against the patched library (once per process) and bind the additions."""
-    global _llama, _ggml_base
+    global _llama, _ggml_base, _ggml
     if _llama is not None:
         return _llama
     os.environ["LLAMA_CPP_LIB_PATH"] = str(build.bin_dir)
@@ -63,7 +64,20 @@ def bind(build: Build):
     lib.llama_fake_quant_list.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.llama_fake_quant_list.restype = ctypes.c_int32
 
+    ggml = ctypes.CDLL(str(build.bin_dir / "libggml.so"))
+    ggml.ggml_backend_dev_count.argtypes = []
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
     base = ctypes.CDLL(str(build.bin_dir / "libggml-base.so"))
+    for fn in (base.ggml_backend_dev_name, base.ggml_backend_dev_description):
+        fn.argtypes = [ctypes.c_void_p]
+        fn.restype = ctypes.c_char_p
+    base.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_dev_type.restype = ctypes.c_int
+    base.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_size_t)]
+    base.ggml_backend_dev_memory.restype = None
     base.ggml_get_name.argtypes = [ctypes.c_void_p]
     base.ggml_get_name.restype = ctypes.c_char_p
     base.ggml_get_data.argtypes = [ctypes.c_void_p]
@@ -75,7 +89,7 @@ def bind(build: Build):
     for fn in (base.ggml_backend_tensor_get, base.ggml_backend_tensor_set):
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
         fn.restype = None
-    _ggml_base = base
+    _ggml_base, _ggml = base, ggml
 
     llama.llama_log_set(_LOG_CALLBACK, None)
     llama.llama_backend_init()
@@ -103,7 +117,42 @@ class _TensorHead(ctypes.Structure):
                 ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4)]
 
 
+# the structs this module mirrors itself: (mirror, C struct, only its leading members); harness.abi
+# checks them against the headers, with the bindings' own mirrors
+MIRRORS = ((_TensorHead, "ggml_tensor", True),)
 GGML_TYPE_F32 = 0
+# enum ggml_backend_dev_type (ggml-backend.h)
+DEVICE_TYPES = {0: "CPU", 1: "GPU", 2: "IGPU", 3: "ACCEL", 4: "META"}
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device ggml registered in this process (ggml_backend_dev_*): what the report names."""
+
+    name: str          # "CPU", "CUDA0", "Vulkan0"
+    description: str   # "NVIDIA H200", "llvmpipe (LLVM 15.0.6, 256 bits)"
+    type: str          # DEVICE_TYPES
+    memory_total_mib: float
+
+    @property
+    def gpu(self) -> bool:
+        """A device llama.cpp offloads layers to by default (what makes a context's rules fixed after
+        its first decode: native/README.md, Vulkan)."""
+        return self.type in ("GPU", "IGPU")
+
+
+def devices(build: Build) -> list[Device]:
+    """Every device of the bound build, in registration order."""
+    bind(build)
+    base = _ggml_base
+    out = []
+    for i in range(_ggml.ggml_backend_dev_count()):
+        dev = _ggml.ggml_backend_dev_get(i)
+        free, total = ctypes.c_size_t(), ctypes.c_size_t()
+        base.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        out.append(Device(base.ggml_backend_dev_name(dev).decode(), base.ggml_backend_dev_description(dev).decode(),
+                          DEVICE_TYPES.get(base.ggml_backend_dev_type(dev), "unknown"), total.value / 2**20))
+    return out
 
 
 @dataclass(frozen=True)
@@ -146,10 +195,14 @@ class Model:
 
     def __init__(self, path: Path, build: Build, n_gpu_layers: int = 0) -> None:
         llama = bind(build)
+        # llama.cpp's defaults, as the tools use them (load_mode AUTO: mmap where every device can)
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
-        params.use_mmap = True
         self.path = path
+        self.n_gpu_layers = n_gpu_layers
+        # with a GPU device every context gets its backend (whatever n_gpu_layers): its rules are then
+        # fixed after the first decode, and Context.set_fake_quant renews the context to change them
+        self.gpu = any(d.gpu for d in devices(build))
         self.ptr = llama.llama_model_load_from_file(str(path).encode(), params)
         if not self.ptr:
             raise HarnessError(f"libllama could not load {path}:\n{''.join(_log_lines[-5:])}")
@@ -216,7 +269,7 @@ class Context:
         self.n_ctx = n_ctx
         self.threads = threads
         self.sequences = sequences
-        params = llama.llama_context_default_params()
+        self.params = params = llama.llama_context_default_params()
         params.n_ctx = n_ctx * sequences
         params.n_batch = n_ctx
         params.n_ubatch = n_ctx
@@ -230,13 +283,18 @@ class Context:
             self._callback = self._make_callback(tensor_hook)
             params.cb_eval = self._callback
             params.cb_eval_user_data = None
-        self.ptr = llama.llama_init_from_model(model.ptr, params)
-        if not self.ptr:
-            raise HarnessError(f"libllama could not create a context:\n{''.join(_log_lines[-5:])}")
-        self.memory = llama.llama_get_memory(self.ptr)
+        self._init()
         self.batch = llama.llama_batch_init(max(n_ctx, sequences), 0, 1)
         self.rules: tuple[FakeQuantRule, ...] = ()
         self.compute_seconds = 0.0  # wall time spent inside llama_decode
+        self.renewed = 0  # times set_fake_quant replaced the llama_context (GPU backends)
+
+    def _init(self) -> None:
+        self.ptr = _llama.llama_init_from_model(self.model.ptr, self.params)
+        if not self.ptr:
+            raise HarnessError(f"libllama could not create a context:\n{''.join(_log_lines[-5:])}")
+        self.memory = _llama.llama_get_memory(self.ptr)
+        self.computed = False  # whether a graph has been computed (llama_decode called)
 
     @staticmethod
     def _make_callback(hook: TensorHook):
@@ -270,9 +328,21 @@ class Context:
 
     # fake quantization ------------------------------------------------------------------
 
-    def set_fake_quant(self, rules: Sequence[FakeQuantRule]) -> None:
-        """Replace the fake-quant rules (empty: off). A rejected rule leaves the context off."""
+    def set_fake_quant(self, rules: Sequence[FakeQuantRule], renew: bool = True) -> None:
+        """Replace the fake-quant rules (empty: off). A rejected rule leaves the context off.
+
+        With a GPU backend, libllama refuses to change the rules once the context has computed a
+        graph (native/README.md, Vulkan); then, unless `renew` is False, the llama_context is
+        replaced by a fresh one with the same parameters (and tensor hook) and the rules are set on
+        it before its first decode. Every evaluation here starts from an empty KV cache, so nothing
+        else changes. On the CPU the rules change on the live context, as before."""
         lib = _llama._lib
+        if renew and self.model.gpu and self.computed and (rules or self.rules):
+            _llama.llama_free(self.ptr)
+            self.ptr = None
+            self._init()
+            self.rules = ()
+            self.renewed += 1
         err = ctypes.create_string_buffer(8192)
         if lib.llama_fake_quant_clear(self.ptr, err, len(err)) != 0:
             raise FakeQuantError(err.value.decode())
@@ -330,6 +400,7 @@ class Context:
         started = time.perf_counter()
         rc = llama.llama_decode(self.ptr, batch)
         self.compute_seconds += time.perf_counter() - started
+        self.computed = True
         if rc != 0:
             raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
 

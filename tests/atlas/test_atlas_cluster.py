@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import psutil
 import pytest
 
 import harness
-from harness.atlas import ModelAtlas, Point, advise_atlas, measure_atlas
+from harness.atlas import ModelAtlas, advise_atlas, measure_atlas
 from harness.atlas_cluster import AtlasWorker, ClusterAtlas, ModelSpec, connect, local_threads, measurement_code
 from harness.cache import HarnessError, cache_root
 from harness.corpus import load_corpus

@@ -33,10 +33,10 @@ BUDGET = 5e-6
 
 
 @pytest.fixture(scope="module")
-def session(build):
+def session(build, offload):
     from harness.runner import ModelSession
 
-    s = ModelSession(MODEL, build)
+    s = ModelSession(MODEL, build, gpu_layers=offload[1])
     yield s
     s.close()
 

@@ -68,8 +68,9 @@ def tool_scores(base: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def tool(session, *args: str) -> str:
+    offload = ["-ngl", str(session.gpu_layers)] if session.build.backend != "cpu" else []  # as the session's
     cmd = [str(session.build.tool("llama-perplexity")), "-m", str(session.file.path), "-c", str(matrix.N_CTX),
-           "-b", str(matrix.N_CTX), "--chunks", str(CHUNKS), "-t", str(default_threads()), *args]
+           "-b", str(matrix.N_CTX), "--chunks", str(CHUNKS), "-t", str(default_threads()), *offload, *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr

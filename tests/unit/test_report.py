@@ -435,3 +435,16 @@ def test_not_json(tmp_path: Path) -> None:
     path.write_text("{ not json")
     with pytest.raises(HarnessError, match="not readable JSON"):
         render(path, tmp_path / "out")
+
+
+def test_provenance_names_the_backend_and_devices(tmp_path: Path, data: dict) -> None:
+    """Results name the backend they ran on; older results (no backend recorded) say they are the CPU's."""
+    assert "- Backend: cpu (not recorded: results written before the backend was)" in \
+        render(write(tmp_path, data, "old.json"), tmp_path / "old-out").read_text()
+    gpu = copy.deepcopy(data)
+    gpu["provenance"]["backend"] = {"name": "cuda", "gpu_layers": 999, "devices": [
+        {"name": "CUDA0", "description": "NVIDIA H200", "type": "GPU", "memory_total_mib": 143771.0},
+        {"name": "CPU", "description": "AMD EPYC", "type": "CPU", "memory_total_mib": 131072.0}]}
+    text = render(write(tmp_path, gpu, "gpu.json"), tmp_path / "gpu-out").read_text()
+    assert ("- Backend: cuda, 999 layers offloaded; devices CUDA0 (NVIDIA H200, GPU, 140.4 GiB), "
+            "CPU (AMD EPYC, CPU, 128.0 GiB)") in section(text, "Provenance")
