@@ -60,6 +60,11 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "the code of 2153515921c49c79, by this code on a local Dask cluster of 2 workers, and in-process "
                  "by this code before a change to ModelAtlas.candidates (the advisor's): all 22 records identical, "
                  "timing aside"),
+    Confirmation("results", 1, "3db55cbc1ed53d90",
+                 "backends (ModelSession.backend, gpu_layers): on the CPU gpu_layers is 0 and adds nothing to the "
+                 "key, and the CPU path's measurement code is unchanged"),
+    Confirmation("atlas", 1, "07e3b1af79da1c18",
+                 "ModelFacts carries the backend for atlas.json's provenance; no measured value changes"),
 )
 
 
