@@ -108,6 +108,7 @@ def _mx_scale(e: Element) -> str:
     return f"E8M0 2^(floor_log2(amax) - {e.emax}) per block, exponent clamped to [-127, 127] (§2.2)"
 
 
+# fmt: off
 _TABLE = (
     Format("bf16", Kind.CAST, BF16, None, "none", None, "bfloat16, nearest even; overflow gives inf, NaN stays NaN"),
     Format("f16", Kind.CAST, F16, None, "none", None, "IEEE half, nearest even; overflow gives inf, NaN stays NaN"),
@@ -134,6 +135,7 @@ _TABLE = (
     Format("mxfp4_ggml", Kind.GGML, E2M1, 32, "E8M0 2^(floorf(log2f(amax)) - 2) per block, glibc log2f (§5)", 32,
            "ggml's own MXFP4: quantize_row_mxfp4_ref then dequantize_row_mxfp4, ties toward zero"),
 )
+# fmt: on
 TABLE: dict[str, Format] = {f.name: f for f in _TABLE}
 
 

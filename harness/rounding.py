@@ -12,6 +12,8 @@ import numpy as np
 
 from harness.formats import QK8_0, TABLE, Kind, quantize
 
+__all__ = ["FORMATS", "QK8_0", "bf16_bits_to_fp32", "fake_quantize", "ggml_fp32_to_bf16_bits", "representable"]
+
 FORMATS: tuple[str, ...] = tuple(TABLE)  # harness.formats.TABLE: bf16, f16, q8_0, then the scaled/block formats
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import math
 import re
 from fractions import Fraction as Q
@@ -253,7 +254,7 @@ def at_unit_scale(fmt: str, v: np.ndarray) -> np.ndarray:
     """fmt applied to each value of v in a group whose scale is exactly 1, so q(v) = Q_F(v):
     FP8/INT8 groups holding max (s = max/max), MX blocks holding a value of the top binade (se = 0),
     an NVFP4 block holding 6 in an array of amax 2688 (S_enc = 1, s_b = 1), a ggml block holding 6."""
-    group, elem = SPEC[fmt]
+    group = SPEC[fmt][0]
     top = np.float32(float(element_values(fmt)[-1]))
     if group == "tensor":
         return fake_quantize(np.concatenate([[top], v]).astype(np.float32), fmt)[1:]
@@ -294,7 +295,7 @@ def ties(fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         to = np.where(np.abs(lo) < np.abs(hi), lo, hi)
     else:
         scale = 64 if fmt == "mxint8" else 1
-        to = np.array([a if even_code(abs(a) * scale, elem) else b for a, b in zip(vals[:-1], vals[1:])], float)
+        to = np.array([a if even_code(abs(a) * scale, elem) else b for a, b in itertools.pairwise(vals)], float)
     return ((lo + hi) / 2).astype(np.float32), to.astype(np.float32), lo.astype(np.float32), hi.astype(np.float32)
 
 
@@ -354,7 +355,7 @@ def test_saturation_in_the_top_binade(fmt):
     NaN / inf through the plain e4m3fn / e5m2 casts (§6)."""
     top = float(element_values(fmt)[-1])
     edge = 2.0 ** (math.floor(math.log2(top)) + 1)
-    last = 7.99 if fmt == "mxfp4_ggml" else np.nextafter(np.float32(edge), 0)  # log2f(8 - ulp) rounds to 3
+    last = 7.99 if fmt == "mxfp4_ggml" else np.nextafter(np.float32(edge), 0)  # glibc: log2f(8 - ulp) = 3
     v = f32(np.nextafter(np.float32(top), np.float32(edge)), (top + edge) / 2, last)
     v = np.concatenate([v, f32(464, 480, 465, 511.9) if "e4m3" in fmt else f32(61440, 65535) if "e5m2" in fmt else []])
     v = np.concatenate([v, -v]).astype(np.float32)
@@ -375,10 +376,65 @@ def test_saturation_with_a_subnormal_scale(fmt):
 
 
 def test_nvfp4_saturation():
-    # amax 2688 -> S_enc = 1; block amax 6.2: s_b = e4m3(6.2 * fl(1/6)) = 1, so 6.2 -> 6 (and 6.2 * 2 -> ...)
+    """Array amax 2688 gives S_enc = 1; block amax 6.2 gives s_b = e4m3(fl(6.2 * fl(1/6))) = 1 (RNE), so
+    fl(x * e_b) = 6.2 exceeds 6 and clamps."""
     x = np.zeros((2, 16), np.float32)
     x[0, 0], x[1, :3] = 2688, (6.2, -6.2, 1)
     np.testing.assert_array_equal(fake_quantize(x, "nvfp4")[1, :3], f32(6, -6, 1))
+
+
+def within_ulps(v: np.ndarray, k: int = 4) -> np.ndarray:
+    """The float32 values within k ulps of each (positive) v."""
+    u = v.astype(np.float32).view(np.uint32).astype(np.int64)[:, None] + np.arange(-k, k + 1)
+    return u.astype(np.uint32).view(np.float32).ravel()
+
+
+@pytest.mark.parametrize("fmt", [f for f in NEW if SPEC[f][0] in ("row", "tensor", "nvfp4")])
+def test_near_ties_of_the_scaled_value(fmt):
+    """Inputs within a few ulps of tie * scale, where the order of the scale operations decides the code
+    (x/s versus x*(1/s), §1; the exact chain of §3.1), against the oracle."""
+    rng = np.random.default_rng(11)
+    t = ties(fmt)[0]
+    t = t[t > 0].astype(np.float64)
+    vmax = float(element_values(fmt)[-1])
+    for _ in range(8):
+        amax = np.float32(rng.uniform(1, 2) * 2.0 ** rng.integers(-60, 60))
+        if fmt == "nvfp4":  # an array of amax `amax`; blocks of max a_b, each with 15 values near ties
+            a_b = amax * np.float32(rng.uniform(1e-3, 1))
+            s_b = np.float32(a_b / amax * 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)  # about
+            v = within_ulps(rng.choice(t, 15) * amax * s_b / 2688, 3).reshape(-1, 15)
+            x = np.concatenate([np.full((len(v), 1), a_b), v], axis=1).reshape(1, -1)
+            x = np.concatenate([[[amax] + [0] * 15], x], axis=1)
+        else:
+            v = within_ulps(rng.choice(t, 20) * amax / vmax)
+            x = np.concatenate([[amax], v])[None] * np.where(rng.random(len(v) + 1) < 0.5, -1, 1)
+        x = x.astype(np.float32)
+        np.testing.assert_array_equal(bits(fake_quantize(x, fmt)), bits(oracle(x, fmt)))
+
+
+def test_nvfp4_subnormal_and_zero_block_scales():
+    """Blocks far below the array's amax: a subnormal E4M3 block scale (allowed, §3.1; torchao's floor at
+    2^-6 forbids it, §3.2), or one that underflows to 0, which makes the block ±0."""
+    x = np.zeros((3, 16), np.float32)
+    x[0, 0] = 1  # S_enc = 2688: s_b = e4m3(a_b * 448)
+    x[1] = np.linspace(-1, 1, 16) * 2.0**-15  # a_b * 448 = 0.0137 < 2^-6: subnormal s_b
+    x[2] = np.linspace(-1, 1, 16) * 2.0**-20  # a_b * 448 = 4.3e-4 < 2^-10: s_b = 0
+    y = fake_quantize(x, "nvfp4")
+    np.testing.assert_array_equal(bits(y), bits(oracle(x, "nvfp4")))
+    assert (np.abs(y[1]) > 0).sum() >= 12 and (y[2] == 0).all()
+    np.testing.assert_array_equal(np.signbit(y[2]), np.signbit(x[2]))
+
+
+def test_mxfp4_ggml_tiny_blocks():
+    """A block whose finite amax is below 2^-125 passes through (ggml's biased exponent would be
+    negative); at 2^-125, e = 0 and d = 2^-128, a float32 subnormal."""
+    x = np.zeros((2, 32), np.float32)
+    x[0, :4] = np.nextafter(np.float32(2.0**-125), 0), -1e-38, 3e-39, np.nan
+    x[1, :4] = 2.0**-125, 5 * 2.0**-128, -5 * 2.0**-128, 2.0**-149
+    y = fake_quantize(x, "mxfp4_ggml")
+    np.testing.assert_array_equal(bits(y[0]), bits(x[0]))
+    np.testing.assert_array_equal(y[1, :4], f32(2.0**-125, 4 * 2.0**-128, -4 * 2.0**-128, 0))  # ties toward zero
+    np.testing.assert_array_equal(bits(y[1]), bits(oracle(x[1:], "mxfp4_ggml")[0]))
 
 
 @pytest.mark.parametrize("fmt", NEW)
@@ -394,34 +450,59 @@ def test_largest_floats_stay_finite(fmt):
 
 # ---- 5. properties on arbitrary float32 rows ----
 
-SPECIAL = f32(0, -0.0, np.nan, np.inf, -np.inf, F32_MAX, -F32_MAX, 2.0**-149, -(2.0**-149), 2.0**-126, 2.0**-125,
-              -(2.0**-125) * 0.75, 1e-40, 448, 464, 57344, 61440, 6, 7, 0.25, -0.75, 1.5, 2.5)
+SPECIAL = f32(
+    0,
+    -0.0,
+    np.nan,
+    np.inf,
+    -np.inf,
+    F32_MAX,
+    -F32_MAX,
+    2.0**-149,
+    -(2.0**-149),
+    2.0**-126,
+    2.0**-125,
+    -(2.0**-125) * 0.75,
+    1e-40,
+    448,
+    464,
+    57344,
+    61440,
+    6,
+    7,
+    0.25,
+    -0.75,
+    1.5,
+    2.5,
+)
 SPECIAL = np.concatenate([SPECIAL, np.array([0x7F800001, 0xFFC00123, 0x7FBFFFFF], np.uint32).view(np.float32)])
 
 
 def ldexp_quiet(x, k):
-    with np.errstate(over="ignore"):  # overflow to inf is a wanted input
-        return np.ldexp(x, np.int32(k))
+    with np.errstate(over="ignore", invalid="ignore"):  # inf is a wanted input; NaN is left as it is
+        return np.ldexp(x, np.asarray(k, np.int32))
 
 
 @st.composite
-def rows(draw, lengths=st.integers(1, 70), arbitrary=True):
-    """float32 rows of values of a common binade 2^k (so that blocks hold comparable values and round
-    interestingly), mixed (if arbitrary) with any bit pattern and special values (NaN, ±inf, zeros,
-    subnormals, huge)."""
-    shape = (draw(st.integers(1, 3)), draw(lengths))
-    k = np.int32(draw(st.integers(-150, 127)))
-    binade = st.floats(-2, 2, width=32).map(lambda v: int(bits(ldexp_quiet(np.float32(v), k))))
-    elem = binade
+def rows(draw, lengths=None, arbitrary=True):
+    """float32 rows of values in [-2, 2] times 2^(k + o), one k per array and an offset o in [-40, 0] per
+    row (blocks of comparable values that round interestingly; rows far below the array's amax), mixed
+    (if arbitrary) with any bit pattern and special values (NaN, ±inf, zeros, subnormals, huge)."""
+    shape = (draw(st.integers(1, 3)), draw(lengths or st.integers(1, 70)))
+    k = draw(st.integers(-150, 127))
+    offsets = np.array(draw(st.lists(st.integers(-40, 0), min_size=shape[0], max_size=shape[0])))
+    elem = scaled = st.floats(-2, 2, width=32).map(lambda v: (0, int(bits(np.float32(v)))))
     if arbitrary:
-        special = st.sampled_from(range(len(SPECIAL))).map(lambda i: int(SPECIAL.view(np.uint32)[i]))
-        elem = st.one_of(st.integers(0, 2**32 - 1), special, binade, binade)
-    u = draw(st.lists(elem, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
-    return np.array(u, np.uint32).view(np.float32).reshape(shape)
+        special = st.sampled_from([int(u) for u in SPECIAL.view(np.uint32)])
+        elem = st.one_of(st.tuples(st.just(1), st.integers(0, 2**32 - 1) | special), scaled, scaled)
+    tagged = draw(st.lists(elem, min_size=shape[0] * shape[1], max_size=shape[0] * shape[1]))
+    tag = np.array([t for t, _ in tagged]).reshape(shape)
+    x = np.array([u for _, u in tagged], np.uint32).view(np.float32).reshape(shape)
+    return np.where(tag == 0, ldexp_quiet(x, (k + offsets)[:, None]), x)
 
 
 def drawn_rows(fmt: str):
-    return rows(st.sampled_from([32, 64]) if fmt == "mxfp4_ggml" else st.integers(1, 70))
+    return rows(st.sampled_from([32, 64]) if fmt == "mxfp4_ggml" else None)
 
 
 def block_exponents(x: np.ndarray, k: int, emax: int) -> np.ndarray:
@@ -605,7 +686,9 @@ def test_mxfp4_ggml_matches_gguf_py():
     np.testing.assert_array_equal(bits(fake_quantize(x, "mxfp4_ggml")), bits(port))
 
 
-@pytest.mark.parametrize("fmt, dtype", [("fp8_e4m3_tensor", ml_dtypes.float8_e4m3fn), ("fp8_e5m2_tensor", ml_dtypes.float8_e5m2)])
+@pytest.mark.parametrize(
+    "fmt, dtype", [("fp8_e4m3_tensor", ml_dtypes.float8_e4m3fn), ("fp8_e5m2_tensor", ml_dtypes.float8_e5m2)]
+)
 def test_fp8_at_unit_scale_is_the_ml_dtypes_cast(fmt, dtype):
     """Every float32 whose upper 16 bits are given, in range: fl(x/1) cast by ml_dtypes directly."""
     vmax = float(ml_dtypes.finfo(dtype).max)
