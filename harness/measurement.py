@@ -65,6 +65,9 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "key, and the CPU path's measurement code is unchanged"),
     Confirmation("atlas", 1, "07e3b1af79da1c18",
                  "ModelFacts carries the backend for atlas.json's provenance; no measured value changes"),
+    Confirmation("results", 1, "787d6408b8da2ece",
+                 "harness.formats (the reference's format table and kernels): the measurement never calls the "
+                 "reference's rounding; bf16/f16/q8_0 kernels pass tests/unit/test_rounding.py unchanged"),
 )
 
 
