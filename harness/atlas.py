@@ -65,6 +65,7 @@ import numpy as np
 
 from harness import matrix
 from harness.cache import KEY_FILE, HarnessError, cache_root, progress, publish, write_atomic
+from harness.formats import TABLE
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
@@ -75,9 +76,11 @@ from harness.runner import ModelSession
 MAX_CHUNKS = 4
 REL_HALF_WIDTH = 0.25
 RESAMPLES = 2_000
-SINGLE_FORMATS = ("bf16", "f16")
-FORMATS = ("bf16", "f16", "q8_0")
-Q8_0_BLOCK = 32
+# every format at every layer at once; single layers for the ones that decide deployments (issue 21: FP8,
+# MX FP4, NVFP4, INT8 beside bf16 and f16), which multiply the cost by the layer count
+FORMATS = tuple(TABLE)
+SINGLE_FORMATS = ("bf16", "f16", "fp8_e4m3", "mxfp4", "nvfp4", "int8")
+Q8_0_BLOCK = TABLE["q8_0"].row_multiple
 NO_LAYER = ("result_norm", "result_output")
 REFERENCE = ("result_output", "bf16")  # the logits rounded to bf16: the yardstick of the report
 
@@ -132,8 +135,9 @@ class Point:
 
 def skip_reason(point: Point, ne0: int) -> str | None:
     """Why a point cannot be measured (None: it can)."""
-    if point.fmt == "q8_0" and ne0 % Q8_0_BLOCK:
-        return f"q8_0 rounds blocks of {Q8_0_BLOCK} values along ne0; {point.position} has ne0 = {ne0}"
+    multiple = TABLE[point.fmt].row_multiple
+    if multiple and ne0 % multiple:
+        return f"{point.fmt} rounds blocks of {multiple} values along ne0; {point.position} has ne0 = {ne0}"
     return None
 
 
@@ -492,7 +496,8 @@ def provenance(facts: ModelFacts) -> dict:
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
             "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,
-                     "seed": SEED, "q8_0_block": Q8_0_BLOCK, "reference": list(REFERENCE)}}
+                     "seed": SEED, "q8_0_block": Q8_0_BLOCK, "reference": list(REFERENCE),
+                     "row_multiples": {f.name: f.row_multiple for f in TABLE.values() if (f.row_multiple or 0) > 1}}}
 
 
 def model_atlas(session: ModelSession, positions: Sequence[str] | None = None, layers: str | None = None,
