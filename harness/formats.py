@@ -27,6 +27,8 @@ QK8_0 = 32
 
 
 class Kind(Enum):
+    """How a format finds its scale; the kernel follows from it (GGML: one kernel per format)."""
+
     CAST = "element cast"
     ROW = "per-row scaled"
     TENSOR = "per-tensor scaled"

@@ -448,6 +448,19 @@ def test_largest_floats_stay_finite(fmt):
     np.testing.assert_array_equal(bits(y), bits(oracle(x, fmt)))
 
 
+def test_no_overflow_at_the_top_of_float32():
+    """The largest 2^16 float32 values as one-element rows (row and MX formats) and the largest 512 as
+    whole arrays (NVFP4): fl(max * fl(amax/max)) and the other dequantizations stay finite, except int8
+    at FLT_MAX itself."""
+    top = (np.uint32(0x7F7FFFFF) - np.arange(2**16, dtype=np.uint32)).view(np.float32)[:, None]
+    x = np.concatenate([top, -top])
+    for fmt in (f for f in NEW if SPEC[f][0] in ("row", "mx")):
+        inf = np.abs(x) == F32_MAX if fmt == "int8" else np.zeros(x.shape, bool)  # fl(127 * fl(FLT_MAX/127))
+        np.testing.assert_array_equal(np.isinf(fake_quantize(x, fmt)), inf)
+    for v in top[:512]:
+        assert np.isfinite(fake_quantize(np.concatenate([v, -v, v / 3]), "nvfp4")).all()
+
+
 # ---- 5. properties on arbitrary float32 rows ----
 
 SPECIAL = f32(
@@ -488,7 +501,7 @@ def rows(draw, lengths=None, arbitrary=True):
     """float32 rows of values in [-2, 2] times 2^(k + o), one k per array and an offset o in [-40, 0] per
     row (blocks of comparable values that round interestingly; rows far below the array's amax), mixed
     (if arbitrary) with any bit pattern and special values (NaN, ±inf, zeros, subnormals, huge)."""
-    shape = (draw(st.integers(1, 3)), draw(lengths or st.integers(1, 70)))
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 70) if lengths is None else lengths))
     k = draw(st.integers(-150, 127))
     offsets = np.array(draw(st.lists(st.integers(-40, 0), min_size=shape[0], max_size=shape[0])))
     elem = scaled = st.floats(-2, 2, width=32).map(lambda v: (0, int(bits(np.float32(v)))))
@@ -613,12 +626,16 @@ def test_a_short_last_block_is_a_zero_padded_block(fmt, n):
     np.testing.assert_array_equal(bits(fake_quantize(x, fmt)), bits(fake_quantize(padded, fmt)[:, :n]))
 
 
-def test_a_per_tensor_scale_depends_on_the_batch():
-    token = f32(1.0, 0.3)
-    alone = fake_quantize(token[None], "fp8_e4m3_tensor")[0]
-    batched = fake_quantize(np.stack([token, f32(100, 0)]), "fp8_e4m3_tensor")[0]
-    per_row = fake_quantize(np.stack([token, f32(100, 0)]), "fp8_e4m3")[0]
-    assert (alone != batched).any() and (per_row == alone).all()
+@pytest.mark.parametrize(
+    "fmt, per_row", [("fp8_e4m3_tensor", "fp8_e4m3"), ("fp8_e5m2_tensor", "fp8_e5m2"), ("nvfp4", "mxfp4")]
+)
+def test_a_per_tensor_scale_depends_on_the_batch(fmt, per_row):
+    """The same token (row) comes out differently when another token with a larger amax shares the array."""
+    token = np.random.default_rng(5).standard_normal(16).astype(np.float32)
+    batch = np.stack([token, np.full(16, 100, np.float32)])
+    alone, batched = fake_quantize(token[None], fmt)[0], fake_quantize(batch, fmt)[0]
+    assert (alone != batched).any()
+    np.testing.assert_array_equal(fake_quantize(batch, per_row)[0], fake_quantize(token[None], per_row)[0])
 
 
 @pytest.mark.parametrize("fmt", NEW)
