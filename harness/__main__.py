@@ -337,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", help="model names (default: the experiment models, $FQ_EXPERIMENT_MODELS)")
     p.add_argument("--positions", nargs="+", help="positions (names of the pp graph; default: every one)")
     p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B")
-    p.add_argument("--formats", nargs="+", help="bf16, f16, q8_0 (default: all three)")
+    p.add_argument("--formats", nargs="+", help="formats of docs/formats.md: bf16 f16 q8_0 fp8_e4m3 fp8_e5m2 "
+                   "fp8_e4m3_tensor fp8_e5m2_tensor mxfp8_e4m3 mxfp8_e5m2 mxfp6_e2m3 mxfp6_e3m2 mxfp4 mxint8 nvfp4 int8 "
+                   "mxfp4_ggml (default: all; single layers for bf16 f16 fp8_e4m3 mxfp4 nvfp4 int8)")
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
     p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_atlas)
     p = sub.add_parser("advise", help="the largest set of (position, layer) sites whose predicted KLD fits a budget")
     p.add_argument("--model", required=True, help="a model name as for `model`, or a .gguf path")
-    p.add_argument("--format", required=True, help="bf16 or f16")
+    p.add_argument("--format", required=True, help="any format of docs/formats.md (bf16, fp8_e4m3, mxfp4, nvfp4, ...)")
     p.add_argument("--budget", required=True, type=_budget, help="the KLD budget in nats (>= 0)")
     p.add_argument("--positions", nargs="+", help="candidate positions (default: every one)")
     p.add_argument("--layers", help="candidate layers: -1 (all, default), N, A-B, A,B")

@@ -559,9 +559,8 @@ def cli_flags(rules: Iterable[FakeQuantRule]) -> str:
 
 def check_advice(fmt: str, budget: float) -> None:
     """The advisor's format and budget, checked before any model loads."""
-    if fmt not in SINGLE_FORMATS:
-        raise HarnessError(f"unknown format {fmt!r} for the advisor (allowed: {', '.join(SINGLE_FORMATS)}; the atlas "
-                           "measures q8_0 only at every layer at once, so it has no single sites to choose from)")
+    if fmt not in FORMATS:
+        raise HarnessError(f"unknown format {fmt!r} for the advisor (allowed: {', '.join(FORMATS)})")
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0):
         raise HarnessError(f"budget {budget!r} is not allowed: it must be a finite KLD >= 0 (nats)")
 

@@ -1,6 +1,6 @@
 """The fake-quantization formats as one table, with their numpy kernels (the independent reference).
 
-Written from the specification /work/shared/FORMATS.md (cited as §n), never from native code: the
+Written from the specification docs/format-spec.md (cited as §n), never from native code: the
 native implementation is checked against these kernels bit for bit. Every kernel works in float32
 only (a detour through float64 would round twice) and uses ml_dtypes 0.6.0 for element casts as §6
 prescribes. Formats added here follow non-finite policy P1 (§0.4): NaN and ±Inf are left out of

@@ -68,6 +68,9 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("results", 1, "787d6408b8da2ece",
                  "harness.formats (the reference's format table and kernels): the measurement never calls the "
                  "reference's rounding; bf16/f16/q8_0 kernels pass tests/unit/test_rounding.py unchanged"),
+    Confirmation("atlas", 1, "206b653595ed07e8",
+                 "the atlas learns the format table: the points of bf16, f16 and q8_0 and their skip reasons are "
+                 "the same (tests/unit/test_atlas.py), new formats add points; the advisor takes any format"),
 )
 
 

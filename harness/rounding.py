@@ -1,7 +1,7 @@
 """Independent numpy reference for fake quantization (float32 -> format -> float32).
 
 llama.cpp's results are checked against this module, so it is written from the
-format definitions (/work/shared/FORMATS.md) and ggml's x86 (AVX2/F16C) code, not
+format definitions (docs/format-spec.md) and ggml's x86 (AVX2/F16C) code, not
 by calling ggml, and it takes float32 only: casting from float64 first would round
 twice. The format table and the kernels live in harness.formats; this is the API.
 """

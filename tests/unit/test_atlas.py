@@ -65,17 +65,20 @@ def test_a_graph_without_the_reference_is_an_error():
         positions_of([t for t in LISTING if t.name != "result_output"], N_LAYER)
 
 
-def test_plan_counts_every_point_and_records_q8_0_skips_with_the_reason():
+def test_plan_counts_every_point_and_records_block_format_skips_with_the_reason():
     positions = positions_of(LISTING, N_LAYER)
     points = plan(positions, [0, 3], atlas.FORMATS)
     layered = [p for p in positions if p.layered]
     assert len(points) == len(layered) * 2 * len(atlas.SINGLE_FORMATS) + len(positions) * len(atlas.FORMATS)
     assert len(set(points)) == len(points)
-    assert not any(p.fmt == "q8_0" and p.layer is not None for p in points)  # q8_0: every layer at once only
+    assert {p.fmt for p in points if p.layer is not None} == set(atlas.SINGLE_FORMATS)
     ne0 = {p.name: p.ne0 for p in positions}
     skipped = {p.slug: skip_reason(p, ne0[p.position]) for p in points if skip_reason(p, ne0[p.position])}
-    assert set(skipped) == {"attn_norm.q8_0.all", "ffn_norm.q8_0.all", "result_norm.q8_0.all"}
+    # q8_0 and mxfp4_ggml need rows of a multiple of 32 (the MX and NVFP4 formats take a shorter last block)
+    assert set(skipped) == {f"{p}.{f}.all" for p in ("attn_norm", "ffn_norm", "result_norm")
+                            for f in ("q8_0", "mxfp4_ggml")}
     assert skipped["ffn_norm.q8_0.all"] == "q8_0 rounds blocks of 32 values along ne0; ffn_norm has ne0 = 8"
+    assert skipped["ffn_norm.mxfp4_ggml.all"] == "mxfp4_ggml rounds blocks of 32 values along ne0; ffn_norm has ne0 = 8"
 
 
 def test_the_reference_point_is_added_to_any_selection():
@@ -262,7 +265,7 @@ def test_bad_layer_specs_name_the_spec(spec, message):
 
 
 @pytest.mark.parametrize(("fmt", "budget", "message"), [
-    ("q8_0", 1e-5, "unknown format 'q8_0' for the advisor (allowed: bf16, f16;"),
+    ("fp4", 1e-5, "unknown format 'fp4' for the advisor (allowed: bf16, f16, q8_0, fp8_e4m3,"),
     ("int4", 1e-5, "unknown format 'int4'"),
     ("bf16", -1e-6, "budget -1e-06 is not allowed: it must be a finite KLD >= 0"),
     ("bf16", math.nan, "budget nan is not allowed"),
@@ -296,8 +299,8 @@ def test_cli_rejects_a_bad_budget(argv, message, capsys):
 def test_cli_rejects_a_format_before_loading_a_model(capsys):
     from harness.__main__ import main
 
-    assert main(["advise", "--model", "no-such-model", "--format", "q8_0", "--budget", "1e-5"]) == 1
-    assert "unknown format 'q8_0' for the advisor" in capsys.readouterr().err
+    assert main(["advise", "--model", "no-such-model", "--format", "fp4", "--budget", "1e-5"]) == 1
+    assert "unknown format 'fp4' for the advisor" in capsys.readouterr().err
 
 
 # the report, from a synthetic atlas.json ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The scaled and block formats of harness.formats against the specification /work/shared/FORMATS.md
+"""The scaled and block formats of harness.formats against the specification docs/format-spec.md
 (cited as §n): every code and every tie of each element type, the specification's test vectors,
 saturation, non-finite policy P1, and a slow pure-Python oracle derived a second time from the
 specification with exact rational arithmetic (fractions), compared bit for bit on random rows."""

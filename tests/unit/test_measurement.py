@@ -77,7 +77,7 @@ def test_a_version_without_its_confirmation_is_reported(monkeypatch):
 def test_the_results_key_is_values_only():
     """No source text or fingerprint in the key: moving code cannot invalidate a measurement."""
     fake = SimpleNamespace(file=SimpleNamespace(sha256="m"), build=SimpleNamespace(fingerprint={"key": "b"}),
-                           corpus=SimpleNamespace(sha256="c"))
+                           corpus=SimpleNamespace(sha256="c"), gpu_layers=0)
     key = ModelSession.key.func(fake)
     assert key["measurement"] == str(measurement.RESULTS_VERSION)
     assert {k: v for k, v in key.items() if k != "measurement"} == {
