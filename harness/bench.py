@@ -43,6 +43,7 @@ from harness.build import Build, build, offload
 from harness.cache import HarnessError, cpu_model, progress
 from harness.corpus import load_corpus
 from harness.driver import Context, FakeQuantRule, Model
+from harness.formats import TABLE, Kind
 from harness.models import DERIVED, get_model
 from harness.reference import ReferenceFakeQuant
 
@@ -58,6 +59,23 @@ CONFIGS: dict[str, tuple[tuple[FakeQuantRule, ...], bool]] = {
     "reference": ((FFN,), True),
 }
 NATIVE_ON = ("ffn_norm", "ffn_norm+logits")
+FORMAT_CONFIG = "ffn_norm:"  # + a format of harness.formats: that format at ffn_norm, every layer (--formats)
+
+
+def configs_for(formats: Sequence[str] = ()) -> dict[str, tuple[tuple[FakeQuantRule, ...], bool]]:
+    """CONFIGS plus `ffn_norm:FMT` for each format asked for (an unknown name is an error naming the allowed)."""
+    unknown = [f for f in formats if f not in TABLE]
+    if unknown:
+        raise HarnessError(f"unknown format {', '.join(map(repr, unknown))} (allowed: {', '.join(TABLE)})")
+    return CONFIGS | {f"{FORMAT_CONFIG}{f}": ((FakeQuantRule("ffn_norm", f),), False) for f in formats}
+
+
+def has_target(config: str) -> bool:
+    """The 1 % target holds the native configurations: bf16 and, of --formats, the per-row and block
+    formats (issue 21); a per-tensor scale needs the whole tensor first and has none."""
+    if config in NATIVE_ON:
+        return True
+    return config.startswith(FORMAT_CONFIG) and TABLE[config[len(FORMAT_CONFIG):]].kind is not Kind.TENSOR
 PHASES = ("pp", "tg")
 _BUFFER_LINE = re.compile(r"(\S+) compute buffer size =\s*([0-9.]+) MiB")
 # the buffer type that holds each backend's compute buffer with every layer offloaded
@@ -94,8 +112,8 @@ def compute_buffer_mib(backend: str = "cpu") -> float:
                        f"layers{hint}")
 
 
-def make_context(model: Model, config: str, n_ctx: int, threads: int) -> tuple[Context, ReferenceFakeQuant | None]:
-    rules, reference = CONFIGS[config]
+def make_context(model: Model, rules: Sequence[FakeQuantRule], reference: bool, n_ctx: int,
+                 threads: int) -> tuple[Context, ReferenceFakeQuant | None]:
     hook = ReferenceFakeQuant(rules, model.n_layer) if reference else None
     ctx = model.context(n_ctx, threads, tensor_hook=hook)
     if rules and not reference:
@@ -108,7 +126,8 @@ def _child() -> None:
     spec = json.load(sys.stdin)
     backend = spec["backend"]
     model = Model(Path(spec["model"]), build(backend), n_gpu_layers=spec["gpu_layers"])
-    ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
+    ctx, _ = make_context(model, [FakeQuantRule(**r) for r in spec["rules"]], spec["reference"], spec["n_ctx"],
+                          spec["threads"])
     mib = compute_buffer_mib(backend)
     ctx.logits(spec["tokens"], copy=False)
     # VmHWM, not getrusage's ru_maxrss: Linux carries the spawning parent's peak into ru_maxrss
@@ -117,10 +136,12 @@ def _child() -> None:
     print(json.dumps({"compute_buffer_mib": mib, "max_rss_kib": int(hwm.split()[1])}))
 
 
-def _memory(model_path: Path, backend: str, gpu_layers: int, config: str, n_ctx: int, threads: int,
+def _memory(model_path: Path, backend: str, gpu_layers: int, config: str, setting: tuple, n_ctx: int, threads: int,
             tokens: list[int]) -> dict[str, float]:
-    spec = {"model": str(model_path), "backend": backend, "gpu_layers": gpu_layers, "config": config, "n_ctx": n_ctx,
-            "threads": threads, "tokens": tokens}
+    rules, reference = setting
+    spec = {"model": str(model_path), "backend": backend, "gpu_layers": gpu_layers, "config": config,
+            "rules": [asdict(r) for r in rules], "reference": reference, "n_ctx": n_ctx, "threads": threads,
+            "tokens": tokens}
     root = str(Path(__file__).resolve().parent.parent)  # the child imports this same harness
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
@@ -147,7 +168,7 @@ def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_toke
 
 
 def _bench_model(name: str, b: Build, backend: str, gpu_layers: int, pp_tokens: int, tg_tokens: int,
-                 repetitions: int, threads: int) -> dict:
+                 repetitions: int, threads: int, configs: dict = CONFIGS) -> dict:
     # derived models are made by the CPU build's llama-quantize (a subprocess); other models need no build
     file = get_model(name, build() if name in DERIVED else None)
     model = Model(file.path, b, n_gpu_layers=gpu_layers)
@@ -157,9 +178,9 @@ def _bench_model(name: str, b: Build, backend: str, gpu_layers: int, pp_tokens: 
         raise HarnessError(f"the corpus gives only {len(pp)} of {pp_tokens} prompt tokens")
     prompt = model.tokenize(TG_PROMPT)
     n_ctx = max(pp_tokens, len(prompt) + tg_tokens)
-    contexts = {cfg: make_context(model, cfg, n_ctx, threads) for cfg in CONFIGS}
-    raw: dict[str, dict[str, list[dict[str, float]]]] = {cfg: {ph: [] for ph in PHASES} for cfg in CONFIGS}
-    order = list(CONFIGS)
+    contexts = {cfg: make_context(model, *configs[cfg], n_ctx, threads) for cfg in configs}
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {cfg: {ph: [] for ph in PHASES} for cfg in configs}
+    order = list(configs)
     try:
         for rnd in range(repetitions + 1):  # round 0: warm-up, not counted
             progress(f"bench {name}: {'warm-up' if rnd == 0 else f'round {rnd}/{repetitions}'}")
@@ -174,9 +195,9 @@ def _bench_model(name: str, b: Build, backend: str, gpu_layers: int, pp_tokens: 
             ctx.close()
         model.close()
 
-    memory = {cfg: _memory(file.path, backend, gpu_layers, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
-    configs = {}
-    for cfg, (rules, reference) in CONFIGS.items():
+    memory = {cfg: _memory(file.path, backend, gpu_layers, cfg, configs[cfg], n_ctx, threads, pp) for cfg in configs}
+    measured = {}
+    for cfg, (rules, reference) in configs.items():
         entry: dict = {"rules": [asdict(r) for r in rules], "reference": reference, "applied": applied[cfg]}
         for phase in PHASES:
             per_token = {k: [s[k] / s["tokens"] for s in raw[cfg][phase]] for k in ("wall_s", "compute_s")}
@@ -188,15 +209,15 @@ def _bench_model(name: str, b: Build, backend: str, gpu_layers: int, pp_tokens: 
                 "median_compute_s": statistics.median(s["compute_s"] for s in raw[cfg][phase]),
                 "ratio": wall,
                 "compute_ratio": paired_ratios(per_token["compute_s"], base["compute_s"]),
-                "meets_target": wall["overhead_pct"] <= TARGET_OVERHEAD_PCT if cfg in NATIVE_ON else None,
+                "meets_target": wall["overhead_pct"] <= TARGET_OVERHEAD_PCT if has_target(cfg) else None,
                 "samples": raw[cfg][phase],
             }
         mem, off = memory[cfg], memory["off"]
         entry["memory"] = dict(mem, compute_buffer_ratio=mem["compute_buffer_mib"] / off["compute_buffer_mib"],
                                rss_ratio=mem["max_rss_kib"] / off["max_rss_kib"])
-        configs[cfg] = entry
+        measured[cfg] = entry
     return {"path": str(file.path), "sha256": file.sha256, "n_layer": model.n_layer, "n_ctx": n_ctx,
-            "configs": configs}
+            "configs": measured}
 
 
 def _machine(threads: int, b: Build, backend: str, gpu_layers: int) -> dict:
@@ -241,7 +262,7 @@ def _summary(result: dict) -> str:
              f"build cold {result['build']['cold_s']} s, warm {result['build']['warm_s'] * 1000:.0f} ms",
              f"target: native overhead <= {TARGET_OVERHEAD_PCT:g} % (median of per-round ratios to off; "
              f"[min..max] over {result['settings']['repetitions']} rounds)",
-             f"{'model':14} {'config':16} {'pp tok/s':>9} {'pp ovh %':>22} {'tg tok/s':>9} {'tg ovh %':>22}"
+             f"{'model':14} {'config':24} {'pp tok/s':>9} {'pp ovh %':>22} {'tg tok/s':>9} {'tg ovh %':>22}"
              f" {'buf MiB':>8} {'rss MiB':>8}"]
     for name, res in result["models"].items():
         for cfg, e in res["configs"].items():
@@ -251,7 +272,7 @@ def _summary(result: dict) -> str:
                 mark = {True: " ok", False: " !!", None: ""}[e[phase]["meets_target"]]
                 spread = f"{r['overhead_pct']:+.1f} [{(r['min'] - 1) * 100:+.1f}..{(r['max'] - 1) * 100:+.1f}]{mark}"
                 cells.append(f"{e[phase]['tokens_per_s']:9.1f} {spread:>22}")
-            lines.append(f"{name:14} {cfg:16} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
+            lines.append(f"{name:14} {cfg:24} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
                          f" {e['memory']['max_rss_kib'] / 1024:8.1f}")
     if suite := result.get("suite"):
         lines.append(f"suite ({suite['results']}): {suite['group_compute_s']:.0f} s of {suite['group_wall_s']:.0f} s "
@@ -261,11 +282,13 @@ def _summary(result: dict) -> str:
 
 def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tokens: int = 512, tg_tokens: int = 128,
               repetitions: int = 5, threads: int | None = None, out: Path | None = None,
-              backend: str | None = None, gpu_layers: int | None = None, suite: bool = True) -> dict:
+              backend: str | None = None, gpu_layers: int | None = None, suite: bool = True,
+              formats: Sequence[str] = ()) -> dict:
     """Measure every model and configuration, write the JSON to `out`, print a table to stderr.
     `suite`: also read the suite's share of time in llama.cpp from the last results file."""
     if pp_tokens < 1 or tg_tokens < 1 or repetitions < 1:
         raise HarnessError("pp, tg and repetitions must be at least 1")
+    configs = configs_for(formats)
     backend, gpu_layers = offload(backend, gpu_layers)
     b = build(backend)
     threads = threads or driver.default_threads()
@@ -273,10 +296,10 @@ def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tok
         "machine": _machine(threads, b, backend, gpu_layers),
         "build": _build_times(b, backend),
         "settings": {"pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "repetitions": repetitions,
-                     "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
+                     "pp_logits_rows": "all", "tg_prompt": TG_PROMPT, "formats": list(formats)},
         "target_overhead_pct": TARGET_OVERHEAD_PCT,
-        "models": {name: _bench_model(name, b, backend, gpu_layers, pp_tokens, tg_tokens, repetitions, threads)
-                   for name in models},
+        "models": {name: _bench_model(name, b, backend, gpu_layers, pp_tokens, tg_tokens, repetitions, threads,
+                                      configs) for name in models},
         "suite": _suite() if suite else None,
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -341,6 +364,8 @@ def main_bench(argv: list[str] | None = None) -> int:
                    help="build to run: cpu (default, or $FQ_BACKEND), or vulkan/cuda with every layer offloaded")
     p.add_argument("--gpu-layers", type=int,
                    help="layers offloaded to the GPU backend's device (default: every one, or $FQ_GPU_LAYERS)")
+    p.add_argument("--formats", nargs="+", default=[],
+                   help="also time ffn_norm at every layer in these formats (harness.formats; e.g. fp8_e4m3 mxfp4)")
     p.add_argument("--token-stats", action="store_true",
                    help="only time the token statistics (harness.metrics) per block size and thread count")
     args = p.parse_args(argv)
@@ -357,7 +382,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     try:
         run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
                   repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out,
-                  backend=args.backend, gpu_layers=args.gpu_layers)
+                  backend=args.backend, gpu_layers=args.gpu_layers, formats=args.formats)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

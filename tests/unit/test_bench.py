@@ -31,13 +31,16 @@ def test_paired_ratios_pair_by_round():
 @pytest.mark.native
 def test_bench_smoke(build, tmp_path, capsys):
     out = tmp_path / "b.json"
-    result = run_bench(("smollm2-q4_1",), pp_tokens=32, tg_tokens=4, repetitions=1, threads=1, out=out)
+    result = run_bench(("smollm2-q4_1",), pp_tokens=32, tg_tokens=4, repetitions=1, threads=1, out=out,
+                       formats=("mxfp4", "fp8_e4m3_tensor"))
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
     assert data["build"]["cold_s"] > 0 and data["build"]["warm_s"] > 0
     assert data["machine"]["build_key"] == build.fingerprint["key"]
     configs = data["models"]["smollm2-q4_1"]["configs"]
-    assert set(configs) == set(CONFIGS)
+    assert set(configs) == set(CONFIGS) | {"ffn_norm:mxfp4", "ffn_norm:fp8_e4m3_tensor"}
+    assert configs["ffn_norm:mxfp4"]["pp"]["meets_target"] is not None  # a block format has the 1 % target
+    assert configs["ffn_norm:fp8_e4m3_tensor"]["pp"]["meets_target"] is None  # a per-tensor scale has none
     for name, entry in configs.items():
         assert (entry["applied"] > 0) == (name != "off")
         for phase in PHASES:
@@ -57,6 +60,8 @@ def test_bench_smoke(build, tmp_path, capsys):
 def test_main_bench_rejects_bad_settings(tmp_path, capsys):
     assert main_bench(["--pp", "-1", "--out", str(tmp_path / "b.json")]) == 1
     assert "at least 1" in capsys.readouterr().err
+    assert main_bench(["--formats", "fp4", "--out", str(tmp_path / "b.json")]) == 1
+    assert "unknown format 'fp4' (allowed: bf16, f16, q8_0," in capsys.readouterr().err
 
 
 def test_compute_buffer_is_the_backends_own(monkeypatch):
