@@ -28,6 +28,10 @@ NAMES = {
                     "ffn_out", "ffn_swiglu", "ffn_up", "kqv_out", "l_out", "norm", "result_norm", "result_output"),
 }
 NAMES["smollm2-q4_1"] = NAMES["smollm2-f32"]
+# the formats of FORMATS.md and mxfp4_ggml: custom nodes (no ggml type), fused on the CPU path
+SCALED_FORMATS = tuple(f for f in FORMATS if f not in ("bf16", "f16", "q8_0"))
+ROTATIONS = len(SCALED_FORMATS)
+ALL_MODELS = ("smollm2-f32", "smollm2-q4_1", "gemma3-f32", "gemma3-q4_k_m")
 
 
 @pytest.fixture(params=["fused", "portable"])
@@ -40,6 +44,72 @@ def impl(request, monkeypatch):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_listing_names_every_activation(pairs, model):
+    pair = pairs(model)
+    pp = [t for t in pair.targets if t.graph == "pp"]
+    tg = [t for t in pair.targets if t.graph == "tg"]
+    assert pp and tg
+    names = {t.name for t in pp}
+    assert {"ffn_norm", "result_output", "attn_norm"} <= names
+    if model in NAMES:
+        assert tuple(sorted(names)) == NAMES[model]
+    by_name = {t.name: t for t in pp}
+    assert by_name["ffn_norm"].layers == tuple(range(pair.model.n_layer))
+    assert by_name["ffn_norm"].shape == (pair.model.n_embd, N_CTX)
+    assert by_name["result_output"].layers == () and by_name["result_output"].shape == (pair.model.n_vocab, N_CTX)
+    # nothing that is not an activation: no weights, inputs, cache, and none of the pass's own nodes
+    assert not any("." in t.name or t.name.startswith(("cache_", "inp_tokens", "attn_inp")) for t in pair.targets)
+
+
+def _every_name_cases() -> list[tuple[str, str]]:
+    return [(m, n) for m in ("smollm2-f32", "smollm2-q4_1") for n in NAMES[m]]
+
+
+@pytest.mark.parametrize(("model", "name"), _every_name_cases())
+def test_every_name_native_equals_reference(pairs, impl, model, name):
+    """bf16 at every layer of one name: identical logit bits, identical counts, and the count is the
+    number of tensors the listing gives that name."""
+    pair = pairs(model)
+    native, reference, sites, applied = pair.compare([FakeQuantRule(name, "bf16")])
+    np.testing.assert_array_equal(bits(native), bits(reference))
+    listed = next(t.count for t in pair.targets if t.graph == "pp" and t.name == name)
+    assert sites == applied == listed
+
+
+def test_every_name_gemma3(pairs, impl):
+    """Gemma 3 (pre- and post-FFN norms, a 262k vocabulary): every name of its graph."""
+    pair = pairs("gemma3-q4_k_m")
+    failures = []
+    for target in (t for t in pair.targets if t.graph == "pp"):
+        native, reference, sites, applied = pair.compare([FakeQuantRule(target.name, "bf16")])
+        if not (np.array_equal(bits(native), bits(reference)) and sites == applied == target.count):
+            failures.append(f"{target.name}: sites {sites}, reference {applied}, listed {target.count}, "
+                            f"{int((bits(native) != bits(reference)).sum())} logits differ")
+    assert not failures, "\n".join(failures)
+
+
+def test_native_formats_are_the_references(build):
+    """libllama accepts exactly the formats harness.rounding implements, in the same order."""
+    assert fake_quant_formats(build) == FORMATS
+    assert len(SCALED_FORMATS) == 13
+
+
+def _first_difference(native: list, reference: list) -> str:
+    """'' when both are the same sites with the same bits, else the first site that differs."""
+    for i, ((n_name, n_val), (r_name, r_val)) in enumerate(zip(native, reference)):
+        if n_name != r_name or n_val.shape != r_val.shape or not np.array_equal(bits(n_val), bits(r_val)):
+            differ = int((bits(n_val) != bits(r_val)).sum()) if n_val.shape == r_val.shape else -1
+            return f"site {i}: native {n_name} {n_val.shape}, reference {r_name} {r_val.shape}, {differ} values differ"
+    return "" if len(native) == len(reference) else f"{len(native)} native sites, {len(reference)} reference sites"
+
+
+@pytest.mark.parametrize("rotation", range(ROTATIONS))
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_every_name_every_format(pairs, monkeypatch, model, rotation):
+    """Every (name, format) pair of the computed graph, each model's names all rounded at once: name i
+    gets format (i + rotation) mod 13, so the 13 rotations cover every pair once. Compared site by site
+    (every rounded tensor, in graph order: an error cannot hide behind a later, coarser rounding) and
+    by the logits, against the reference, for the fused and the portable implementation. The last 4
+    positions get logits: the logits tensor stays small (Gemma's vocabulary is 262k)."""
     pair = pairs(model)
     pp = [t for t in pair.targets if t.graph == "pp"]
     rules = [FakeQuantRule(t.name, SCALED_FORMATS[(i + rotation) % ROTATIONS]) for i, t in enumerate(pp)]
@@ -158,7 +228,7 @@ CRAFTED = {
     "mxfp6_e2m3": ("e2m3", 32), "mxfp6_e3m2": ("e3m2", 32), "mxfp4": ("e2m1", 32), "mxint8": ("mxint8", 32),
     "nvfp4": ("e2m1", 16), "int8": ("int8", "row"), "mxfp4_ggml": ("e2m1", 32),
 }
-CRAFTED_ROWS, CRAFTED_NE0 = 64, 576  # ffn_norm-N of SmolLM2 at 64 tokens
+CRAFTED_ROWS, CRAFTED_NE0 = 48, 576  # ffn_norm-N of SmolLM2 at 48 tokens
 
 
 def _grid(element: str) -> np.ndarray:
@@ -275,7 +345,7 @@ def test_crafted_values_through_the_scaled_formats(models, monkeypatch, fmt):
     (layer 7), against harness.rounding bit for bit (NaN included: P1 keeps them as they are). Fused and
     portable, with 1 and 2 threads (a tensor scale is read before any element is written, whatever the
     threads), and the blend at scale 0.5."""
-    model = models["smollm2-f32"]
+    model = models["smollm2-q4_1"]  # what the node reads is written by the hook: the fastest model
     tensors = {"ffn_norm-3": _grid_tensor(fmt), "ffn_norm-5": _range_tensor(True), "ffn_norm-7": _range_tensor(False)}
     tokens = (model.tokenize(TEXT) * 4)[:CRAFTED_ROWS]
     for impl, threads, scale in (("fused", 1, 1.0), ("fused", 2, 1.0), ("portable", 1, 1.0), ("portable", 2, 1.0),
