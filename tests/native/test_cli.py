@@ -155,6 +155,16 @@ def test_scaled_formats_run_with_llama_completion(build, q4_1, fmt):
             for m in SITES_ENTRY.finditer(line.split(" tensors: ", 1)[1])} == {fmt}
 
 
+def test_help_lists_every_format(build):
+    """The format flags' help lists libllama's formats (llama_fake_quant_formats), all of them."""
+    result = run(build, "llama-completion", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # the help wraps its lines
+    for flag in ("--fake-quant-ffn-norm TYPE", "--fake-quant TYPE"):
+        help_text = text.split(flag + " ", 1)[1].split(" --", 1)[0]
+        assert help_text.endswith(": " + ", ".join(FORMATS)), help_text
+
+
 def test_generic_tensor_flag_takes_effect(build, q4_1):
     """--fake-quant-tensor reaches the graph at exactly the named tensors and changes the text."""
     def greedy(*flags: str) -> subprocess.CompletedProcess:
