@@ -57,6 +57,18 @@ CONFIGS: dict[str, tuple[tuple[FakeQuantRule, ...], bool]] = {
     "reference": ((FFN,), True),
 }
 NATIVE_ON = ("ffn_norm", "ffn_norm+logits")
+Configs = dict[str, tuple[tuple[FakeQuantRule, ...], bool]]
+
+
+def format_configs(formats: Sequence[str] | None) -> Configs:
+    """CONFIGS, or with `formats`: "off" and "ffn_norm:<format>" (ffn_norm at every layer) per format."""
+    if not formats:
+        return CONFIGS
+    from harness.rounding import FORMATS
+
+    if unknown := [f for f in formats if f not in FORMATS]:
+        raise HarnessError(f"unknown format {unknown[0]!r} (allowed: {', '.join(FORMATS)})")
+    return {"off": ((), False), **{f"ffn_norm:{f}": ((FakeQuantRule("ffn_norm", f),), False) for f in formats}}
 PHASES = ("pp", "tg")
 _BUFFER_LINE = re.compile(r"(\S+) compute buffer size =\s*([0-9.]+) MiB")
 # the buffer type that holds each backend's compute buffer with every layer offloaded
@@ -94,8 +106,9 @@ def compute_buffer_mib(backend: str = "cpu") -> float:
                        f"layers{hint}")
 
 
-def make_context(model: Model, config: str, n_ctx: int, threads: int) -> tuple[Context, ReferenceFakeQuant | None]:
-    rules, reference = CONFIGS[config]
+def make_context(model: Model, config: str, n_ctx: int, threads: int,
+                 configs: Configs = CONFIGS) -> tuple[Context, ReferenceFakeQuant | None]:
+    rules, reference = configs[config]
     hook = ReferenceFakeQuant(rules, model.n_layer) if reference else None
     ctx = model.context(n_ctx, threads, tensor_hook=hook)
     if rules and not reference:
@@ -108,7 +121,7 @@ def _child() -> None:
     spec = json.load(sys.stdin)
     backend = spec["backend"]
     model = Model(Path(spec["model"]), build(backend), n_gpu_layers=offloaded_layers(backend))
-    ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"])
+    ctx, _ = make_context(model, spec["config"], spec["n_ctx"], spec["threads"], format_configs(spec["formats"]))
     mib = compute_buffer_mib(backend)
     ctx.logits(spec["tokens"], copy=False)
     # VmHWM, not getrusage's ru_maxrss: Linux carries the spawning parent's peak into ru_maxrss
@@ -122,9 +135,9 @@ def offloaded_layers(backend: str) -> int:
 
 
 def _memory(model_path: Path, backend: str, config: str, n_ctx: int, threads: int,
-            tokens: list[int]) -> dict[str, float]:
+            tokens: list[int], formats: Sequence[str] | None) -> dict[str, float]:
     spec = {"model": str(model_path), "backend": backend, "config": config, "n_ctx": n_ctx, "threads": threads,
-            "tokens": tokens}
+            "tokens": tokens, "formats": list(formats or [])}
     root = str(Path(__file__).resolve().parent.parent)  # the child imports this same harness
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", "from harness.bench import _child; _child()"],
@@ -151,7 +164,8 @@ def _measure(ctx: Context, phase: str, pp: list[int], prompt: list[int], tg_toke
 
 
 def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: int, repetitions: int,
-                 threads: int) -> dict:
+                 threads: int, formats: Sequence[str] | None = None) -> dict:
+    selected = format_configs(formats)
     file = get_model(name, build())  # derived models are made by the CPU build's llama-quantize (a subprocess)
     model = Model(file.path, b, n_gpu_layers=offloaded_layers(backend))
     text = load_corpus().text
@@ -160,9 +174,9 @@ def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: i
         raise HarnessError(f"the corpus gives only {len(pp)} of {pp_tokens} prompt tokens")
     prompt = model.tokenize(TG_PROMPT)
     n_ctx = max(pp_tokens, len(prompt) + tg_tokens)
-    contexts = {cfg: make_context(model, cfg, n_ctx, threads) for cfg in CONFIGS}
-    raw: dict[str, dict[str, list[dict[str, float]]]] = {cfg: {ph: [] for ph in PHASES} for cfg in CONFIGS}
-    order = list(CONFIGS)
+    contexts = {cfg: make_context(model, cfg, n_ctx, threads, selected) for cfg in selected}
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {cfg: {ph: [] for ph in PHASES} for cfg in selected}
+    order = list(selected)
     try:
         for rnd in range(repetitions + 1):  # round 0: warm-up, not counted
             progress(f"bench {name}: {'warm-up' if rnd == 0 else f'round {rnd}/{repetitions}'}")
@@ -177,9 +191,9 @@ def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: i
             ctx.close()
         model.close()
 
-    memory = {cfg: _memory(file.path, backend, cfg, n_ctx, threads, pp) for cfg in CONFIGS}
+    memory = {cfg: _memory(file.path, backend, cfg, n_ctx, threads, pp, formats) for cfg in selected}
     configs = {}
-    for cfg, (rules, reference) in CONFIGS.items():
+    for cfg, (rules, reference) in selected.items():
         entry: dict = {"rules": [asdict(r) for r in rules], "reference": reference, "applied": applied[cfg]}
         for phase in PHASES:
             per_token = {k: [s[k] / s["tokens"] for s in raw[cfg][phase]] for k in ("wall_s", "compute_s")}
@@ -191,7 +205,8 @@ def _bench_model(name: str, b: Build, backend: str, pp_tokens: int, tg_tokens: i
                 "median_compute_s": statistics.median(s["compute_s"] for s in raw[cfg][phase]),
                 "ratio": wall,
                 "compute_ratio": paired_ratios(per_token["compute_s"], base["compute_s"]),
-                "meets_target": wall["overhead_pct"] <= TARGET_OVERHEAD_PCT if cfg in NATIVE_ON else None,
+                "meets_target": (wall["overhead_pct"] <= TARGET_OVERHEAD_PCT
+                                 if cfg in NATIVE_ON or cfg.startswith("ffn_norm:") else None),
                 "samples": raw[cfg][phase],
             }
         mem, off = memory[cfg], memory["off"]
@@ -243,7 +258,7 @@ def _summary(result: dict) -> str:
              f"build cold {result['build']['cold_s']} s, warm {result['build']['warm_s'] * 1000:.0f} ms",
              f"target: native overhead <= {TARGET_OVERHEAD_PCT:g} % (median of per-round ratios to off; "
              f"[min..max] over {result['settings']['repetitions']} rounds)",
-             f"{'model':14} {'config':16} {'pp tok/s':>9} {'pp ovh %':>22} {'tg tok/s':>9} {'tg ovh %':>22}"
+             f"{'model':14} {'config':21} {'pp tok/s':>9} {'pp ovh %':>22} {'tg tok/s':>9} {'tg ovh %':>22}"
              f" {'buf MiB':>8} {'rss MiB':>8}"]
     for name, res in result["models"].items():
         for cfg, e in res["configs"].items():
@@ -253,7 +268,7 @@ def _summary(result: dict) -> str:
                 mark = {True: " ok", False: " !!", None: ""}[e[phase]["meets_target"]]
                 spread = f"{r['overhead_pct']:+.1f} [{(r['min'] - 1) * 100:+.1f}..{(r['max'] - 1) * 100:+.1f}]{mark}"
                 cells.append(f"{e[phase]['tokens_per_s']:9.1f} {spread:>22}")
-            lines.append(f"{name:14} {cfg:16} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
+            lines.append(f"{name:14} {cfg:21} {' '.join(cells)} {e['memory']['compute_buffer_mib']:8.2f}"
                          f" {e['memory']['max_rss_kib'] / 1024:8.1f}")
     if suite := result.get("suite"):
         lines.append(f"suite ({suite['results']}): {suite['group_compute_s']:.0f} s of {suite['group_wall_s']:.0f} s "
@@ -263,19 +278,21 @@ def _summary(result: dict) -> str:
 
 def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tokens: int = 512, tg_tokens: int = 128,
               repetitions: int = 5, threads: int | None = None, out: Path | None = None,
-              backend: str = "cpu") -> dict:
+              backend: str = "cpu", formats: Sequence[str] | None = None) -> dict:
     """Measure every model and configuration, write the JSON to `out`, print a table to stderr."""
     if pp_tokens < 1 or tg_tokens < 1 or repetitions < 1:
         raise HarnessError("pp, tg and repetitions must be at least 1")
+    format_configs(formats)  # an unknown format fails before anything is built or run
     b = build(backend)
     threads = threads or driver.default_threads()
     result = {
         "machine": _machine(threads, b, backend),
         "build": _build_times(b, backend),
         "settings": {"pp_tokens": pp_tokens, "tg_tokens": tg_tokens, "repetitions": repetitions,
-                     "pp_logits_rows": "all", "tg_prompt": TG_PROMPT},
+                     "pp_logits_rows": "all", "tg_prompt": TG_PROMPT, "formats": list(formats or [])},
         "target_overhead_pct": TARGET_OVERHEAD_PCT,
-        "models": {name: _bench_model(name, b, backend, pp_tokens, tg_tokens, repetitions, threads) for name in models},
+        "models": {name: _bench_model(name, b, backend, pp_tokens, tg_tokens, repetitions, threads, formats)
+                   for name in models},
         "suite": _suite(),
     }
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -338,6 +355,8 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke settings: smollm2-q4_1, pp 64, tg 8, 2 rounds")
     p.add_argument("--backend", choices=sorted(DEVICE_BUFFER), default="cpu",
                    help="build to run: cpu (default), or vulkan/cuda with every layer offloaded")
+    p.add_argument("--formats", help="comma-separated fake-quant formats: time ffn_norm at every layer in each "
+                   "(a configuration per format, beside off) instead of the default configurations")
     p.add_argument("--token-stats", action="store_true",
                    help="only time the token statistics (harness.metrics) per block size and thread count")
     args = p.parse_args(argv)
@@ -354,7 +373,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     try:
         run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
                   repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out,
-                  backend=args.backend)
+                  backend=args.backend, formats=args.formats.split(",") if args.formats else None)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
