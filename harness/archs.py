@@ -25,6 +25,10 @@ from harness.cache import HarnessError, cache_root, progress, publish
 
 SEED = 42
 N_TOKENS = 16
+# bf16 (ggml's cast) and a block, a block-plus-tensor and a row-scaled format (custom nodes): every name
+# of every architecture in each; MoE graphs have rows of 1 or 2 values (router weights), which the
+# block formats take as one short block
+FORMATS = ("bf16", "mxfp4", "nvfp4", "fp8_e4m3")
 README = Path(__file__).resolve().parent.parent / "native" / "README.md"
 BEGIN, END = "<!-- archs:begin (python -m harness archs --readme) -->", "<!-- archs:end -->"
 
@@ -55,7 +59,8 @@ def arch_models(build: Build) -> Path:
 
 
 def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
-    """In this process: every pp-graph name, bf16 at all its tensors, native vs reference."""
+    """In this process: every pp-graph name in every format of FORMATS at all its tensors, native vs
+    reference."""
     import numpy as np
 
     from harness.driver import FakeQuantError, FakeQuantRule, Model
@@ -88,20 +93,21 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
                 if "names at layer 0: " not in str(err) or not all(n in str(err) for n in at_layer0):
                     result.mismatches.append(f"ffn_norm: the error does not list the names of layer 0: {err}")
         for target in targets:
-            progress(f"target {target.name}")
-            rules = [FakeQuantRule(target.name, "bf16")]
-            native.set_fake_quant(rules)
-            hook.set_rules(rules)
-            got, sites = native.logits(tokens), native.fake_quant_sites
-            want, applied = ref.logits(tokens), hook.applied
-            native.set_fake_quant([])
-            hook.set_rules([])
-            if target.name == "ffn_norm":
-                result.ffn_norm_sites = sites
-            differ = int((got.view(np.uint32) != want.view(np.uint32)).sum())
-            if differ or not sites == applied == target.count:
-                result.mismatches.append(f"{target.name}: {differ} logits differ, sites {sites}, reference "
-                                         f"{applied}, listed {target.count}")
+            for fmt in FORMATS:
+                progress(f"target {target.name} {fmt}")
+                rules = [FakeQuantRule(target.name, fmt)]
+                native.set_fake_quant(rules)
+                hook.set_rules(rules)
+                got, sites = native.logits(tokens), native.fake_quant_sites
+                want, applied = ref.logits(tokens), hook.applied
+                native.set_fake_quant([])
+                hook.set_rules([])
+                if target.name == "ffn_norm":
+                    result.ffn_norm_sites = sites
+                differ = int((got.view(np.uint32) != want.view(np.uint32)).sum())
+                if differ or not sites == applied == target.count:
+                    result.mismatches.append(f"{target.name} {fmt}: {differ} logits differ, sites {sites}, "
+                                             f"reference {applied}, listed {target.count}")
         if result.mismatches:
             result.status = "mismatch"
     finally:
@@ -140,12 +146,12 @@ def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequenc
 def table(results: list[ArchResult], where: str = "") -> str:
     """Markdown: model → names of its graph, ffn_norm sites, bitwise result (`where`: the backend, if not the CPU)."""
     ok = sum(r.status == "ok" for r in results)
-    lines = [f"{ok} of {len(results)} models: every name bit-identical to the reference with equal counts. "
-             f"Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, bf16 at every tensor of one name "
-             f"at a time{where}.", "",
+    lines = [f"{ok} of {len(results)} models: every name bit-identical to the reference with equal counts, in "
+             f"each of {', '.join(FORMATS)}. Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, "
+             f"one format at every tensor of one name at a time{where}.", "",
              "| model | names in the computed graph | `ffn_norm` sites | native == reference |", "|---|---|---|---|"]
     for r in results:
-        verdict = {"ok": f"bit-identical ({len(r.names)} names)",
+        verdict = {"ok": f"bit-identical ({len(r.names)} names × {len(FORMATS)} formats)",
                    "mismatch": "**differs**: " + "; ".join(r.mismatches)}.get(r.status, r.status)
         sites = str(r.ffn_norm_sites) if "ffn_norm" in r.names else "no `ffn_norm`"
         lines.append(f"| {r.model.removesuffix('.gguf')} | {', '.join(r.names) or '–'} | {sites} | {verdict} |")

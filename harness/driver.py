@@ -63,6 +63,8 @@ def bind(build: Build):
     lib.llama_fake_quant_n_applied.restype = ctypes.c_int64
     lib.llama_fake_quant_list.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.llama_fake_quant_list.restype = ctypes.c_int32
+    lib.llama_fake_quant_formats.argtypes = []
+    lib.llama_fake_quant_formats.restype = ctypes.c_char_p
 
     ggml = ctypes.CDLL(str(build.bin_dir / "libggml.so"))
     ggml.ggml_backend_dev_count.argtypes = []
@@ -95,6 +97,11 @@ def bind(build: Build):
     llama.llama_backend_init()
     _llama = llama
     return llama
+
+
+def fake_quant_formats(build: Build) -> tuple[str, ...]:
+    """The format names the patched libllama accepts (llama_fake_quant_formats), in its order."""
+    return tuple(bind(build)._lib.llama_fake_quant_formats().decode().split(", "))
 
 
 _log_lines: list[str] = []

@@ -71,6 +71,9 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("atlas", 1, "206b653595ed07e8",
                  "the atlas learns the format table: the points of bf16, f16 and q8_0 and their skip reasons are "
                  "the same (tests/unit/test_atlas.py), new formats add points; the advisor takes any format"),
+    Confirmation("results", 1, "2ec20a00b05e5b48",
+                 "the driver binds llama_fake_quant_formats (the native format list); the measurement's calls are "
+                 "unchanged"),
 )
 
 

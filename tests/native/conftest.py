@@ -9,7 +9,7 @@ from native_pair import Pair
 @pytest.fixture(scope="module")
 def pairs(models, request):
     """pairs(name) -> the model's native_pair.Pair at the module's N_CTX, made once per model in
-    this module; its native and reference contexts are closed when the module is done."""
+    this module; its contexts are closed when the module is done."""
     made: dict[str, Pair] = {}
 
     def get(name: str) -> Pair:
@@ -19,5 +19,4 @@ def pairs(models, request):
 
     yield get
     for pair in made.values():
-        pair.native.close()
-        pair.ref.close()
+        pair.close()

@@ -1,6 +1,7 @@
 """What the native tests share: a short text, a bit view for exact comparisons, and a Pair of
 contexts on one model (native fake quantization, and the eval-callback reference on the unmodified
-graph) that tests/native/conftest.py's `pairs` makes once per model and module."""
+graph) that tests/native/conftest.py's `pairs` makes once per model and module; each side can also
+record every site's result, in graph order, to compare site by site."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from functools import cached_property
 
 import numpy as np
 
-from harness.driver import FakeQuantRule, Model, Target
+from harness.driver import Context, FakeQuantRule, Model, Target
 from harness.reference import ReferenceFakeQuant
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
@@ -19,6 +20,35 @@ def bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint32)
 
 
+Sites = list[tuple[str, np.ndarray]]  # (tensor name, its values after rounding), in graph order
+
+
+class SiteRecorder:
+    """A tensor hook on a native context: while `sites` is a list, a copy of each site's result
+    ("<name>.fq", the node that rounded <name>) is appended to it as (name, values), in graph order."""
+
+    def __init__(self) -> None:
+        self.sites: Sites | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.sites is not None and name.endswith(".fq")
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        assert self.sites is not None
+        self.sites.append((name.removesuffix(".fq"), data.copy()))
+
+
+class RecordingReference(ReferenceFakeQuant):
+    """The reference hook; while `sites` is a list, a copy of each tensor it rounded is appended."""
+
+    sites: Sites | None = None
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        super().__call__(name, data)
+        if self.sites is not None:
+            self.sites.append((name, data.copy()))
+
+
 class Pair:
     """A native context and a reference context on one model, TEXT's first n_ctx tokens, and their
     logits without fake quantization."""
@@ -27,9 +57,21 @@ class Pair:
         self.model = model
         self.tokens = model.tokenize(TEXT)[:n_ctx]
         self.native = model.context(n_ctx)
-        self.hook = ReferenceFakeQuant([], model.n_layer)
+        self.hook = RecordingReference([], model.n_layer)
         self.ref = model.context(n_ctx, tensor_hook=self.hook)
         self.baseline = self.native.logits(self.tokens)
+        self.recorder = SiteRecorder()
+
+    @cached_property
+    def recording(self) -> Context:
+        """A second native context whose eval callback records the sites (made on first use)."""
+        return self.model.context(len(self.tokens), tensor_hook=self.recorder)
+
+    def close(self) -> None:
+        self.native.close()
+        self.ref.close()
+        if "recording" in self.__dict__:
+            self.recording.close()
 
     @cached_property
     def targets(self) -> list[Target]:
@@ -54,6 +96,27 @@ class Pair:
             return self.ref.logits(self.tokens, first), self.hook.applied
         finally:
             self.hook.set_rules([])
+
+    def record_native(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, Sites, int]:
+        """The recording context's logits of positions first.., its sites as (name, result) in graph
+        order, and its site count (with the implementation LLAMA_FAKE_QUANT_IMPL says)."""
+        self.recording.set_fake_quant(rules)
+        self.recorder.sites = []
+        try:
+            return self.recording.logits(self.tokens, first), self.recorder.sites, self.recording.fake_quant_sites
+        finally:
+            self.recording.set_fake_quant([])
+            self.recorder.sites = None
+
+    def record_reference(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, Sites]:
+        """The reference's logits of positions first.. and the tensors it rounded, in graph order."""
+        self.hook.set_rules(rules)
+        self.hook.sites = []
+        try:
+            return self.ref.logits(self.tokens, first), self.hook.sites
+        finally:
+            self.hook.set_rules([])
+            self.hook.sites = None
 
     def compare(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(native logits, reference logits, native sites, reference count) for positions first.."""

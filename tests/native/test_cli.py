@@ -11,6 +11,7 @@ import pytest
 
 from harness.bench import logged_buffer_mib
 from harness.reference import parse_layers
+from harness.rounding import FORMATS
 
 pytestmark = pytest.mark.native
 
@@ -35,8 +36,8 @@ def q4_1(build):
     return str(get_model("smollm2-q4_1", build).path)
 
 
-SITES_ENTRY = re.compile(r"(?P<target>[^\s,{}]+?)(?:-\{(?P<layers>[0-9,-]+)\})?(?P<plain> and \S+)? (?:bf16|f16|q8_0)"
-                         r"(?: scale \S+)?(?:, |$)")
+SITES_ENTRY = re.compile(r"(?P<target>[^\s,{}]+?)(?:-\{(?P<layers>[0-9,-]+)\})?(?P<plain> and \S+)? "
+                         rf"(?P<fmt>{'|'.join(sorted(FORMATS, key=len, reverse=True))})(?: scale \S+)?(?:, |$)")
 
 
 def fake_quantized(stderr: str) -> set[str]:
@@ -110,7 +111,10 @@ def test_verbose_output_names_every_fake_quantized_tensor(build, q4_1):
 
 
 @pytest.mark.parametrize(("tool", "flags", "message"), [
-    ("llama-completion", ["--fake-quant-ffn-norm", "bf17"], "unknown fake-quant format 'bf17' (allowed: bf16, f16, q8_0)"),
+    ("llama-completion", ["--fake-quant-ffn-norm", "bf17"], f"unknown fake-quant format 'bf17' (allowed: {', '.join(FORMATS)})"),
+    ("llama-completion", ["--fake-quant-tensor", "attn_norm:mxfp4:0:0.5:x"], "malformed --fake-quant-tensor"),
+    ("llama-completion", ["--fake-quant-tensor", "attn_norm:fp8"], "unknown fake-quant format 'fp8' (allowed: bf16, f16"),
+    ("llama-completion", ["--fake-quant", "MXFP4"], "unknown fake-quant format 'MXFP4' (allowed: bf16, f16"),
     ("llama-completion", ["--fake-quant", "int4"], "unknown fake-quant format 'int4'"),
     ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "3-"], "malformed fake-quant layer spec '3-'"),
     ("llama-completion", ["--fake-quant-ffn-norm", "bf16", "--fake-quant-layer", "30"], "the model has 30 layers (0-29)"),
@@ -133,6 +137,32 @@ def test_bad_flags_fail_clearly(build, q4_1, tool, flags, message):
     result = run(build, tool, "-m", q4_1, *inputs, *flags)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f not in ("bf16", "f16", "q8_0")])
+def test_scaled_formats_run_with_llama_completion(build, q4_1, fmt):
+    """Each format of FORMATS.md and mxfp4_ggml through the flags: --fake-quant-ffn-norm at every layer,
+    --fake-quant on the logits and --fake-quant-tensor on attn_norm layers 0-3 at scale 0.5; libllama
+    logs the 35 sites (-lv 4) and names each tensor with its format (-v)."""
+    result = run(build, "llama-completion", "-m", q4_1, "-p", "The history of", "-n", "4", "--temp", "0", "-no-cnv",
+                 "-v", "--fake-quant-ffn-norm", fmt, "--fake-quant", fmt, "--fake-quant-tensor", f"attn_norm:{fmt}:0-3:0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("The history of")
+    assert sites_in_graph(result.stderr) == 30 + 1 + 4
+    assert fake_quantized(result.stderr) == {f"ffn_norm-{il}" for il in range(30)} | {"result_output"} | {
+        f"attn_norm-{il}" for il in range(4)}
+    assert {m["fmt"] for line in result.stderr.splitlines() if "llama_fake_quant_rewrite: fake-quantizing" in line
+            for m in SITES_ENTRY.finditer(line.split(" tensors: ", 1)[1])} == {fmt}
+
+
+def test_help_lists_every_format(build):
+    """The format flags' help lists libllama's formats (llama_fake_quant_formats), all of them."""
+    result = run(build, "llama-completion", "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = " ".join(result.stdout.split())  # the help wraps its lines
+    for flag in ("--fake-quant-ffn-norm TYPE", "--fake-quant TYPE"):
+        help_text = text.split(flag + " ", 1)[1].split(" --", 1)[0]
+        assert help_text.endswith(": " + ", ".join(FORMATS)), help_text
 
 
 def test_generic_tensor_flag_takes_effect(build, q4_1):

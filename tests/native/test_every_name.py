@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 from native_pair import TEXT, bits
 
-from harness.driver import FakeQuantRule
+from harness.driver import FakeQuantRule, fake_quant_formats
 from harness.reference import Capture
-from harness.rounding import fake_quantize
+from harness.rounding import FORMATS, fake_quantize
 
 pytestmark = pytest.mark.native
 
@@ -27,6 +28,10 @@ NAMES = {
                     "ffn_out", "ffn_swiglu", "ffn_up", "kqv_out", "l_out", "norm", "result_norm", "result_output"),
 }
 NAMES["smollm2-q4_1"] = NAMES["smollm2-f32"]
+# the formats of FORMATS.md and mxfp4_ggml: custom nodes (no ggml type), fused on the CPU path
+SCALED_FORMATS = tuple(f for f in FORMATS if f not in ("bf16", "f16", "q8_0"))
+ROTATIONS = len(SCALED_FORMATS)
+ALL_MODELS = ("smollm2-f32", "smollm2-q4_1", "gemma3-f32", "gemma3-q4_k_m")
 
 
 @pytest.fixture(params=["fused", "portable"])
@@ -80,6 +85,44 @@ def test_every_name_gemma3(pairs, impl):
             failures.append(f"{target.name}: sites {sites}, reference {applied}, listed {target.count}, "
                             f"{int((bits(native) != bits(reference)).sum())} logits differ")
     assert not failures, "\n".join(failures)
+
+
+def test_native_formats_are_the_references(build):
+    """libllama accepts exactly the formats harness.rounding implements, in the same order."""
+    assert fake_quant_formats(build) == FORMATS
+    assert len(SCALED_FORMATS) == 13
+
+
+def _first_difference(native: list, reference: list) -> str:
+    """'' when both are the same sites with the same bits, else the first site that differs."""
+    for i, ((n_name, n_val), (r_name, r_val)) in enumerate(zip(native, reference)):
+        if n_name != r_name or n_val.shape != r_val.shape or not np.array_equal(bits(n_val), bits(r_val)):
+            differ = int((bits(n_val) != bits(r_val)).sum()) if n_val.shape == r_val.shape else -1
+            return f"site {i}: native {n_name} {n_val.shape}, reference {r_name} {r_val.shape}, {differ} values differ"
+    return "" if len(native) == len(reference) else f"{len(native)} native sites, {len(reference)} reference sites"
+
+
+@pytest.mark.parametrize("rotation", range(ROTATIONS))
+@pytest.mark.parametrize("model", ALL_MODELS)
+def test_every_name_every_format(pairs, monkeypatch, model, rotation):
+    """Every (name, format) pair of the computed graph, each model's names all rounded at once: name i
+    gets format (i + rotation) mod 13, so the 13 rotations cover every pair once. Compared site by site
+    (every rounded tensor, in graph order: an error cannot hide behind a later, coarser rounding) and
+    by the logits, against the reference, for the fused and the portable implementation. The last 4
+    positions get logits: the logits tensor stays small (Gemma's vocabulary is 262k)."""
+    pair = pairs(model)
+    pp = [t for t in pair.targets if t.graph == "pp"]
+    rules = [FakeQuantRule(t.name, SCALED_FORMATS[(i + rotation) % ROTATIONS]) for i, t in enumerate(pp)]
+    first = len(pair.tokens) - 4
+    reference_logits, reference_sites = pair.record_reference(rules, first)
+    assert len(reference_sites) == sum(t.count for t in pp)
+    for impl in ("fused", "portable"):
+        monkeypatch.setenv("LLAMA_FAKE_QUANT_IMPL", impl)
+        native_logits, native_sites, n_sites = pair.record_native(rules, first)
+        assert n_sites == len(native_sites) == len(reference_sites), impl
+        difference = _first_difference(native_sites, reference_sites)
+        assert not difference, f"{impl}: {difference}"
+        np.testing.assert_array_equal(bits(native_logits), bits(reference_logits), err_msg=impl)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0"])
@@ -169,6 +212,155 @@ def test_crafted_bit_patterns_through_the_node(models, impl, fmt):
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(np.signbit(got[nan]), np.signbit(want[nan]))
     np.testing.assert_array_equal(bits(got[~nan]), bits(want[~nan]))
+
+
+# Crafted tensors for the scaled formats. Each format's element grid at scale 1 (FORMATS.md §0.3):
+# ml_dtypes lists the codes of the float elements; the integer grids are written out.
+_INT8_GRID = np.arange(-127, 128, dtype=np.float32)
+_ELEMENTS = {
+    "e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2, "e2m3": ml_dtypes.float6_e2m3fn,
+    "e3m2": ml_dtypes.float6_e3m2fn, "e2m1": ml_dtypes.float4_e2m1fn, "int8": _INT8_GRID, "mxint8": _INT8_GRID / 64,
+}
+# format -> (element, its scale group: "row", "tensor" or a block length along the row)
+CRAFTED = {
+    "fp8_e4m3": ("e4m3", "row"), "fp8_e5m2": ("e5m2", "row"), "fp8_e4m3_tensor": ("e4m3", "tensor"),
+    "fp8_e5m2_tensor": ("e5m2", "tensor"), "mxfp8_e4m3": ("e4m3", 32), "mxfp8_e5m2": ("e5m2", 32),
+    "mxfp6_e2m3": ("e2m3", 32), "mxfp6_e3m2": ("e3m2", 32), "mxfp4": ("e2m1", 32), "mxint8": ("mxint8", 32),
+    "nvfp4": ("e2m1", 16), "int8": ("int8", "row"), "mxfp4_ggml": ("e2m1", 32),
+}
+CRAFTED_ROWS, CRAFTED_NE0 = 48, 576  # ffn_norm-N of SmolLM2 at 48 tokens
+
+
+def _grid(element: str) -> np.ndarray:
+    """The element's non-negative finite values, ascending."""
+    codes = _ELEMENTS[element]
+    if not isinstance(codes, np.ndarray):
+        bits_per_code = 8 if codes in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2) else (6 if "6" in codes.__name__ else 4)
+        codes = np.arange(2**bits_per_code, dtype=np.uint8).view(codes).astype(np.float32)
+    return np.unique(np.abs(codes[np.isfinite(codes)]))
+
+
+def _grid_tensor(fmt: str) -> np.ndarray:
+    """Every value of the format's element grid, every midpoint between neighbours (the ties) and the
+    floats next to each midpoint, both signs, in groups whose scale is exactly 1: each group starts
+    with its planted maximum (the element's max; an MX block also takes values above it, up to its
+    binade's end, which saturate). NVFP4's tensor holds 2688 = 448·6 in a block of its own (tensor
+    scale 1) and 6 in every other block (block scale 1)."""
+    element, group = CRAFTED[fmt]
+    g = _grid(element)
+    top = g[-1]
+    mids = (g[:-1] + g[1:]) / 2
+    probes = np.concatenate([g, mids, np.nextafter(mids, np.float32(0)), np.nextafter(mids, np.float32(np.inf))])
+    if isinstance(group, int) and fmt != "nvfp4":  # above the max, below the next power of two: saturation
+        binade_end = np.float32(2.0 ** (np.floor(np.log2(top)) + 1))
+        probes = np.concatenate([probes, [top + (top - g[-2]) / 2, np.nextafter(binade_end, np.float32(0)),
+                                          (top + binade_end) / 2]])
+    probes = np.concatenate([probes, -probes]).astype(np.float32)
+    per_group = (CRAFTED_NE0 if not isinstance(group, int) else group) - 1
+    planted = np.float32(6.0 if fmt == "nvfp4" else top)
+    groups = [np.concatenate([[planted], probes[i:i + per_group]]) for i in range(0, probes.size, per_group)]
+    if fmt == "nvfp4":
+        groups.insert(0, np.array([2688.0], dtype=np.float32))
+    width = CRAFTED_NE0 if not isinstance(group, int) else group
+    flat = np.concatenate([np.pad(grp, (0, width - grp.size)) for grp in groups]).astype(np.float32)
+    out = np.zeros(CRAFTED_ROWS * CRAFTED_NE0, dtype=np.float32)
+    assert flat.size <= out.size, fmt
+    out[:flat.size] = flat
+    return out.reshape(CRAFTED_ROWS, CRAFTED_NE0)
+
+
+def _range_tensor(extremes: bool) -> np.ndarray:
+    """The same for every format: rows of random values at magnitudes 2^-149 .. 2^127 (FP32 subnormal
+    rows included) and one up to FLT_MAX, rows whose maximum is the float just below a power of two (where floorf(log2f())
+    is wrong), blocks whose maxima straddle 2^-125 (mxfp4_ggml's pass-through bound), NaN and ±inf
+    among finite values (policy P1), rows of only non-finite values and zeros, all-zero and all -0 rows,
+    negative values that round to -0; then zero rows. Without `extremes`, only rows whose values stay
+    below 2^20, so that a tensor scale is not set by FLT_MAX."""
+    rng = np.random.default_rng(20241204)
+    rows = []
+    exponents = (-149, -140, -133, -127, -126, -125, -100, -60, -20, -8, -1, 0, 3, 8, 19) + ((60, 100, 126, 127) if extremes else ())
+    for k in exponents:  # |values| < 2^(k+1), so 2^127's row stays finite
+        rows.append(np.float32(rng.uniform(-2, 2, CRAFTED_NE0) * 2.0**k))
+    for k in (-125, -20, 3, 8, 19) + ((100, 127) if extremes else ()):
+        below = np.nextafter(np.float32(2.0**k), np.float32(0))
+        row = np.float32(rng.uniform(-1, 1, CRAFTED_NE0) * 2.0 ** (k - 1))
+        row[::37] = below * np.where(np.arange(row[::37].size) % 2, 1, -1).astype(np.float32)
+        rows.append(row)
+    if extremes:
+        rows.append(np.float32(rng.uniform(-1, 1, CRAFTED_NE0)) * np.finfo(np.float32).max)
+    blocks = np.float32(rng.uniform(-1, 1, (CRAFTED_NE0 // 32, 32)))  # each block its own maximum near 2^-125
+    peaks = np.float32([2.0**-125, np.nextafter(np.float32(2.0**-125), np.float32(0)), 2.0**-126, 2.0**-124, 2.0**-130,
+                        1.5 * 2.0**-125] * 3)
+    blocks = blocks / np.abs(blocks).max(axis=1, keepdims=True) * peaks[:, None]
+    blocks[:, 0] = peaks
+    rows.append(np.float32(blocks.ravel()))
+    specials = np.float32(rng.standard_normal(CRAFTED_NE0))
+    specials[::9], specials[1::11], specials[2::13] = np.nan, np.inf, -np.inf
+    rows.append(specials)
+    only = np.zeros(CRAFTED_NE0, dtype=np.float32)
+    only[::3], only[1::3] = np.inf, -np.nan
+    rows.append(only)
+    rows.append(np.zeros(CRAFTED_NE0, dtype=np.float32))
+    rows.append(np.full(CRAFTED_NE0, -0.0, dtype=np.float32))
+    tiny = np.float32(-rng.uniform(0, 1, CRAFTED_NE0) * 2.0**-12)
+    tiny[::32] = 1.0
+    rows.append(tiny)
+    out = np.zeros((CRAFTED_ROWS, CRAFTED_NE0), dtype=np.float32)
+    out[:len(rows)] = rows
+    return out
+
+
+class OverwriteMany:
+    """A tensor hook on a native context: writes tensors[name] into each named tensor as soon as it is
+    computed (its fake-quant node reads them) and captures each node's result as results[name]."""
+
+    def __init__(self, tensors: dict[str, np.ndarray]) -> None:
+        self.tensors, self.results = tensors, {}
+
+    def wants(self, name: str) -> bool:
+        return name.removesuffix(".fq") in self.tensors
+
+    def __call__(self, name: str, data: np.ndarray) -> None:
+        if name in self.tensors:
+            assert data.shape == self.tensors[name].shape
+            data[...] = self.tensors[name]
+        else:
+            self.results[name.removesuffix(".fq")] = data.copy()
+
+
+def _assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    differ = bits(got) != bits(want)
+    if differ.any():
+        i = np.argwhere(differ)[0]
+        x = tuple(int(j) for j in i)
+        raise AssertionError(f"{what}: {int(differ.sum())} values differ; first at {x}: native {got[x]!r} "
+                             f"(0x{int(bits(got)[x]):08x}), reference {want[x]!r} (0x{int(bits(want)[x]):08x})")
+
+
+@pytest.mark.parametrize("fmt", SCALED_FORMATS)
+def test_crafted_values_through_the_scaled_formats(models, monkeypatch, fmt):
+    """Crafted tensors written into ffn_norm-3, -5 and -7 from the eval callback, rounded by the native
+    node: every element value, tie and saturation of the format at scale 1 (layer 3), values from FP32's
+    subnormals to its maximum with NaN, ±inf, zeros and -0 (layer 5), the same without the extremes
+    (layer 7), against harness.rounding bit for bit (NaN included: P1 keeps them as they are). Fused and
+    portable, with 1 and 2 threads (a tensor scale is read before any element is written, whatever the
+    threads), and the blend at scale 0.5."""
+    model = models["smollm2-q4_1"]  # what the node reads is written by the hook: the fastest model
+    tensors = {"ffn_norm-3": _grid_tensor(fmt), "ffn_norm-5": _range_tensor(True), "ffn_norm-7": _range_tensor(False)}
+    tokens = (model.tokenize(TEXT) * 4)[:CRAFTED_ROWS]
+    for impl, threads, scale in (("fused", 1, 1.0), ("fused", 2, 1.0), ("portable", 1, 1.0), ("portable", 2, 1.0),
+                                 ("fused", 2, 0.5)):
+        monkeypatch.setenv("LLAMA_FAKE_QUANT_IMPL", impl)
+        hook = OverwriteMany(tensors)
+        ctx = model.context(CRAFTED_ROWS, threads=threads, tensor_hook=hook)
+        try:
+            ctx.set_fake_quant([FakeQuantRule("ffn_norm", fmt, "3,5,7", scale)])
+            ctx.logits(tokens, first=CRAFTED_ROWS - 1)
+        finally:
+            ctx.close()
+        for name, x in tensors.items():
+            _assert_same_bits(hook.results[name], fake_quantize(x, fmt, scale), f"{impl}, {threads} threads, "
+                              f"scale {scale}, {name}")
 
 
 def test_impl_override_is_checked(pairs, monkeypatch):

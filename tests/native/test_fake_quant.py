@@ -11,7 +11,7 @@ from native_pair import TEXT, bits
 
 from harness.driver import FakeQuantError, FakeQuantRule
 from harness.reference import Capture
-from harness.rounding import fake_quantize, representable
+from harness.rounding import FORMATS, fake_quantize, representable
 
 pytestmark = pytest.mark.native
 
@@ -212,7 +212,9 @@ LAYER_NAMES = "norm, attn_norm, Qcur, Vcur, Kcur, kqv_out, attn_out, ffn_inp, ff
 
 
 @pytest.mark.parametrize(("rule", "message"), [
-    (FakeQuantRule("ffn_norm", "fp4"), "unknown fake-quant format 'fp4' (allowed: bf16, f16, q8_0)"),
+    (FakeQuantRule("ffn_norm", "fp4"), f"unknown fake-quant format 'fp4' (allowed: {', '.join(FORMATS)})"),
+    (FakeQuantRule("ffn_norm", "mxfp4 "), "unknown fake-quant format 'mxfp4 '"),
+    (FakeQuantRule("ffn_norm", "fp8_e4m3_row"), "unknown fake-quant format 'fp8_e4m3_row'"),
     (FakeQuantRule("ffn_norm", ""), "unknown fake-quant format ''"),
     (FakeQuantRule("ffn_norm", "bf16", "30"), "the model has 30 layers (0-29)"),
     (FakeQuantRule("ffn_norm", "bf16", "0-30"), "layer 30 in spec '0-30' is out of range"),
@@ -246,3 +248,38 @@ def test_bad_settings_are_rejected_and_leave_the_context_clean(pairs, rule, mess
     assert message in str(info.value)
     assert pair.native.rules == ()
     np.testing.assert_array_equal(bits(pair.native.logits(pair.tokens)), bits(pair.baseline))
+
+
+def test_rows_that_a_block_format_cannot_take_are_refused(build):
+    """No tensor of SmolLM2 or Gemma 3 has rows that are not a multiple of 32; the router logits of a
+    test-llama-archs MoE model have rows of 2 (its experts). ggml's block formats (q8_0, mxfp4_ggml)
+    refuse them with the tensor's name and shape and the format, through the C API and the CLI (exit 1);
+    mxfp4 takes them as one short block (test_archs.py compares such sites with the reference)."""
+    import subprocess
+
+    from harness.archs import arch_models
+    from harness.driver import Model
+
+    path = arch_models(build) / "afmoe-moe.gguf"
+    model = Model(path, build)
+    ctx = model.context(16, threads=1)
+    try:
+        shape = next(t.shape for t in ctx.fake_quant_targets() if t.graph == "pp" and t.name == "ffn_moe_logits")
+        assert shape[0] % 32 != 0
+        for fmt in ("mxfp4_ggml", "q8_0"):
+            with pytest.raises(FakeQuantError) as info:
+                ctx.set_fake_quant([FakeQuantRule("ffn_moe_logits", fmt)])
+            assert str(info.value).startswith(f"fake-quant format {fmt} needs rows (ne0) that are a multiple of 32, "
+                                              "and 'ffn_moe_logits-")
+            assert f"' has shape {'x'.join(map(str, shape))}: use a format without that requirement" in str(info.value)
+        ctx.set_fake_quant([FakeQuantRule("ffn_moe_logits", "mxfp4")])
+        ctx.logits([1, 2, 3, 4])
+        assert ctx.fake_quant_sites > 0
+    finally:
+        ctx.close()
+        model.close()
+    result = subprocess.run([str(build.tool("llama-completion")), "-m", str(path), "-p", "hi", "-n", "1", "-no-cnv",
+                             "--fake-quant-tensor", "ffn_moe_logits:mxfp4_ggml"], capture_output=True, text=True,
+                            timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert "fake-quant format mxfp4_ggml needs rows (ne0) that are a multiple of 32, and 'ffn_moe_logits-" in result.stderr

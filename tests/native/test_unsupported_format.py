@@ -31,7 +31,9 @@ SOURCE = Path(__file__).with_name("unsupported_format.cpp")
 DEVICE = "StubGPU"
 CASES = ("q8_0_refused", "bf16_accepted", "f16_accepted", "q8_0_accepted", "q8_0_fused_not_asked",
          "bf16_fused_not_asked", "bf16_refused", "bf16_blend_dequant_refused", "bf16_blend_sub_refused",
-         "q8_0_second_layer_refused")
+         "q8_0_second_layer_refused", "mxfp4_portable_not_asked", "nvfp4_portable_not_asked", "nvfp4_fused",
+         "mxfp4_output_copy_refused", "mxfp4_output_copy_accepted", "q8_0_rows_not_multiple",
+         "mxfp4_ggml_rows_not_multiple", "mxfp4_rows_not_multiple")
 # the single-site graph: x = scale(inp) named ffn_norm-0, read twice by out-0 = add(x, x)
 REWIRED_READS = "ffn_norm-0.fq, ffn_norm-0.fq"
 
@@ -106,6 +108,7 @@ def test_program_exits_normally(ran: subprocess.CompletedProcess, cases: dict[st
     ("bf16_blend_dequant_refused", "bf16", "ffn_norm-0", "CPY", "bf16", "f32"),  # scale < 1: the cast back
     ("bf16_blend_sub_refused", "bf16", "ffn_norm-0", "SUB", "f32", "f32"),  # scale < 1: the blend's sub
     ("q8_0_second_layer_refused", "q8_0", "ffn_norm-1", "CPY", "f32", "q8_0"),  # only layer 1's device
+    ("mxfp4_output_copy_refused", "mxfp4", "ffn_norm-0", "CPY", "f32", "f32"),  # the copy over a graph output
 ])
 def test_unsupported_node_is_the_error(cases: dict[str, dict], case: str, fmt: str, name: str, op: str, src: str,
                                        dst: str) -> None:
@@ -150,3 +153,37 @@ def test_fused_impl_does_not_ask(cases: dict[str, dict], case: str, nodes: list[
     assert c["rewired"] == [True] and c["over_x"] == [True]
     assert c["reads"] == ["ffn_norm-0.fq, ffn_norm-0"]
     assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]
+
+
+@pytest.mark.parametrize(("case", "nodes", "over_x"), [
+    ("mxfp4_portable_not_asked", ["ffn_norm-0.fq CUSTOM"], False),
+    ("nvfp4_portable_not_asked", ["ffn_norm-0.fq.amax CUSTOM", "ffn_norm-0.fq CUSTOM"], False),
+    ("nvfp4_fused", ["ffn_norm-0.fq.amax CUSTOM", "ffn_norm-0.fq CUSTOM"], True),
+    ("mxfp4_output_copy_accepted", ["ffn_norm-0.fq.q CUSTOM", "ffn_norm-0.fq CPY"], True),
+])
+def test_formats_without_a_ggml_type_are_custom_nodes(cases: dict[str, dict], case: str, nodes: list[str],
+                                                      over_x: bool) -> None:
+    """(f) a format ggml has no type for is a custom node, which only the CPU computes: the device is not
+    asked about it (a device that refuses everything takes it), and the scheduler places it on the CPU.
+    Portable: out of place, every reader rewired; where x is a graph output the result is copied over
+    x, and that copy is the one node the device is asked about. nvfp4 first computes the row maxima
+    of the whole tensor (its tensor scale) in a node of its own, on both paths."""
+    c = cases[case]
+    assert c["error"] == ""
+    assert c["sites"] == [[0, 0]]
+    assert c["asked"] == (["CPY f32 -> f32 il=0"] if case == "mxfp4_output_copy_accepted" else [])
+    assert c["over_x"] == [over_x] and c["rewired"] == [True]
+    assert c["reads"] == ["ffn_norm-0.fq, ffn_norm-0" if c["impl"] == "cpu_fused" else REWIRED_READS]
+    assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]
+
+
+@pytest.mark.parametrize("case, fmt", [("q8_0_rows_not_multiple", "q8_0"), ("mxfp4_ggml_rows_not_multiple", "mxfp4_ggml")])
+def test_rows_that_a_block_format_cannot_take(cases: dict[str, dict], case: str, fmt: str) -> None:
+    """(g) ggml's block formats need rows of whole blocks: a tensor with 100-value rows is refused with
+    its name, shape and the format, and nothing is added; mxfp4 takes it (a shorter last block)."""
+    c = cases[case]
+    assert c["error"] == (f"fake-quant format {fmt} needs rows (ne0) that are a multiple of 32, and 'ffn_norm-0' "
+                          "has shape 100x2: use a format without that requirement (only q8_0 and mxfp4_ggml have it)")
+    assert c["n_nodes_after"] == c["n_nodes_before"]
+    ok = cases["mxfp4_rows_not_multiple"]
+    assert ok["error"] == "" and ok["order"] == ["ffn_norm-0 SCALE", "ffn_norm-0.fq CUSTOM", "out-0 ADD"]

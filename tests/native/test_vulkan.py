@@ -18,6 +18,7 @@ from harness.backend_check import check
 from harness.build import build as build_llama_cpp
 from harness.cache import HarnessError
 from harness.models import get_model
+from harness.rounding import FORMATS
 
 pytestmark = [pytest.mark.native, pytest.mark.vulkan]
 
@@ -61,16 +62,39 @@ def test_vulkan_native_equals_reference(vulkan, build, tmp_path, model, n_gpu_la
     assert changed == {(c.target, c.fmt) for c in cases} - masked
 
 
+# the formats without a ggml type: a custom node per site that the scheduler runs on the CPU, out of
+# place (x copied from the device, y copied back), with a copy over x for the logits (a graph output)
+SCALED_CASES = [("ffn_norm", f) for f in FORMATS if f not in ("bf16", "f16", "q8_0")] + [
+    ("result_output", "nvfp4"), ("result_output", "fp8_e5m2_tensor"), ("attn_norm", "mxint8")]
+
+
+@pytest.mark.parametrize(("model", "n_gpu_layers"), [("smollm2-f32", 99), ("smollm2-q4_1", 10)])
+def test_vulkan_scaled_formats(vulkan, build, tmp_path, model, n_gpu_layers):
+    """Every format of FORMATS.md and mxfp4_ggml at ffn_norm, a tensor-scaled format and NVFP4 at the
+    logits, MXINT8 at attn_norm: bit for bit against the reference, equal counts, and each changes
+    the logits."""
+    baseline_equal, cases = check("vulkan", n_gpu_layers, get_model(model, build).path, SCALED_CASES, tmp_path, env=ENV)
+    assert baseline_equal, "the eval callback alone changed the logits"
+    for case in cases:
+        label = f"{case.target} {case.fmt}"
+        assert not case.error, f"{label}: {case.error}"
+        assert case.differ == 0, f"{label}: {case.differ} logits differ from the reference"
+        assert case.sites == case.applied == (1 if case.target == "result_output" else 30), label
+        assert case.changed, f"{label} changed nothing"
+
+
 def test_vulkan_cli_runs_offloaded(vulkan, build):
-    """The crash this replaces: llama-completion -ngl 99 with the design's flags."""
+    """The crash this replaces: llama-completion -ngl 99 with the design's flags; and the custom nodes of mxfp4 and
+    nvfp4 (on the CPU, between device nodes)."""
     model = get_model("smollm2-q4_1", build).path
     base = [str(vulkan.tool("llama-completion")), "-m", str(model), "-p", "The capital of France is", "-n", "8",
             "--temp", "0", "-no-cnv", "--no-warmup"]
     for ngl in ("99", "10"):
-        out = subprocess.run(base + ["-ngl", ngl, "--fake-quant-ffn-norm", "bf16", "--fake-quant", "bf16"],
-                             capture_output=True, text=True, env=ENV, timeout=600)
-        assert out.returncode == 0, f"-ngl {ngl}: exit {out.returncode}\n{out.stderr[-2000:]}"
-        assert "The capital of France is" in out.stdout
+        for flags in (["--fake-quant-ffn-norm", "bf16", "--fake-quant", "bf16"],
+                      ["--fake-quant-ffn-norm", "mxfp4", "--fake-quant", "nvfp4"]):
+            out = subprocess.run(base + ["-ngl", ngl, *flags], capture_output=True, text=True, env=ENV, timeout=600)
+            assert out.returncode == 0, f"-ngl {ngl} {flags}: exit {out.returncode}\n{out.stderr[-2000:]}"
+            assert "The capital of France is" in out.stdout
 
 
 def test_vulkan_rules_fixed_after_first_decode(vulkan, build):

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -67,8 +68,9 @@ static const verdict refuse_sub = { "refuses SUB", [](const ggml_tensor * n, int
 static const verdict refuse_q8_0_layer1 = { "refuses q8_0 at layer 1", [](const ggml_tensor * n, int32_t il) {
     return il == 1 && involves(n, GGML_TYPE_Q8_0); } };
 
-static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type type, float scale, const verdict & v,
-                     int n_layers = 1) {
+// ne0: the row length of x; x_output: x is a graph output (as the logits are: written over on the portable path)
+static void run_case(const char * name, llama_fake_quant_impl impl, const char * format, float scale, const verdict & v,
+                     int n_layers = 1, int64_t ne0 = 64, bool x_output = false) {
     const size_t graph_size = 64;
     ggml_init_params params = {
         /*.mem_size   =*/ 64 * ggml_tensor_overhead() + ggml_graph_overhead_custom(graph_size, false),
@@ -76,7 +78,7 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
         /*.no_alloc   =*/ true,
     };
     ggml_context * ctx = ggml_init(params);
-    ggml_tensor * inp = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 64, 2);
+    ggml_tensor * inp = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, 2);
     ggml_set_name(inp, "inp");
     ggml_set_input(inp);
     std::vector<ggml_tensor *> xs;
@@ -85,6 +87,9 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
     for (int il = 0; il < n_layers; ++il) {
         ggml_tensor * x = ggml_scale(ctx, cur, 2.0f);
         ggml_format_name(x, "ffn_norm-%d", il);
+        if (x_output) {
+            ggml_set_output(x);
+        }
         ggml_tensor * reader = ggml_add(ctx, x, x);
         ggml_format_name(reader, "out-%d", il);
         xs.push_back(x);
@@ -97,7 +102,12 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
     const int n_nodes_before = ggml_graph_n_nodes(gf);
 
     llama_fake_quant_config cfg;
-    cfg.rules.push_back({ "ffn_norm", type, {}, scale });
+    cfg.rules.push_back({ "ffn_norm", nullptr, {}, scale });
+    std::string parse_err;
+    if (!llama_fake_quant_parse_type(format, cfg.rules.back().format, parse_err)) {
+        fprintf(stderr, "%s\n", parse_err.c_str());
+        exit(1);
+    }
     std::vector<std::string> asked;
     std::vector<std::string> refused;
     const llama_fake_quant_unsupported_fn unsupported = [&](const ggml_tensor * node, int32_t il) -> std::string {
@@ -144,7 +154,7 @@ static void run_case(const char * name, llama_fake_quant_impl impl, ggml_type ty
            "\"sites\": [%s], \"rewired\": [%s], \"over_x\": [%s], \"reads\": %s, \"asked\": %s, \"refused\": %s, "
            "\"n_nodes_before\": %d, \"n_nodes_after\": %d, \"order\": %s}\n",
            json_str(name).c_str(), json_str(impl == LLAMA_FAKE_QUANT_IMPL_PORTABLE ? "portable" : "cpu_fused").c_str(),
-           json_str(ggml_type_name(type)).c_str(), scale, json_str(v.what).c_str(), json_str(err).c_str(),
+           json_str(format).c_str(), scale, json_str(v.what).c_str(), json_str(err).c_str(),
            site_list.c_str(), rewired_list.c_str(), over_x_list.c_str(), json_list(reads).c_str(), json_list(asked).c_str(),
            json_list(refused).c_str(), n_nodes_before, ggml_graph_n_nodes(gf), json_list(order).c_str());
     fflush(stdout);
@@ -155,25 +165,37 @@ int main() {
     const auto P = LLAMA_FAKE_QUANT_IMPL_PORTABLE;
     const auto F = LLAMA_FAKE_QUANT_IMPL_CPU_FUSED;
     // (a) the device cannot cast to q8_0: the error names the first node it refuses
-    run_case("q8_0_refused", P, GGML_TYPE_Q8_0, 1.0f, refuse_q8_0);
+    run_case("q8_0_refused", P, "q8_0", 1.0f, refuse_q8_0);
     // (b) the same device does have the bf16 and f16 casts
-    run_case("bf16_accepted", P, GGML_TYPE_BF16, 1.0f, refuse_q8_0);
-    run_case("f16_accepted", P, GGML_TYPE_F16, 1.0f, refuse_q8_0);
+    run_case("bf16_accepted", P, "bf16", 1.0f, refuse_q8_0);
+    run_case("f16_accepted", P, "f16", 1.0f, refuse_q8_0);
     // (c) a device with every cast
-    run_case("q8_0_accepted", P, GGML_TYPE_Q8_0, 1.0f, refuse_nothing);
+    run_case("q8_0_accepted", P, "q8_0", 1.0f, refuse_nothing);
     // (d) the fused implementation never asks: llama_context picks it only when every backend is a
     // CPU (has_gpu_backend() false), and a CPU has every cast, so there is no device to ask;
     // llama_fake_quant_rewrite consults `unsupported` only for LLAMA_FAKE_QUANT_IMPL_PORTABLE.
     // For q8_0, build_site has no fused node (bf16/f16 only) and builds the portable casts even
     // under CPU_FUSED, still without asking.
-    run_case("q8_0_fused_not_asked", F, GGML_TYPE_Q8_0, 1.0f, refuse_q8_0);
-    run_case("bf16_fused_not_asked", F, GGML_TYPE_BF16, 1.0f, refuse_everything);
+    run_case("q8_0_fused_not_asked", F, "q8_0", 1.0f, refuse_q8_0);
+    run_case("bf16_fused_not_asked", F, "bf16", 1.0f, refuse_everything);
     // (e) a device without the bf16 casts: the message names the op and the bf16 types
-    run_case("bf16_refused", P, GGML_TYPE_BF16, 1.0f, refuse_bf16);
+    run_case("bf16_refused", P, "bf16", 1.0f, refuse_bf16);
     // scale < 1 adds the cast back, a sub, a scale and an add: each is asked about, in graph order
-    run_case("bf16_blend_dequant_refused", P, GGML_TYPE_BF16, 0.5f, refuse_bf16_to_f32);
-    run_case("bf16_blend_sub_refused", P, GGML_TYPE_BF16, 0.5f, refuse_sub);
+    run_case("bf16_blend_dequant_refused", P, "bf16", 0.5f, refuse_bf16_to_f32);
+    run_case("bf16_blend_sub_refused", P, "bf16", 0.5f, refuse_sub);
     // two sites, the second one's device refuses: what the first site's rewrite leaves behind
-    run_case("q8_0_second_layer_refused", P, GGML_TYPE_Q8_0, 1.0f, refuse_q8_0_layer1, 2);
+    run_case("q8_0_second_layer_refused", P, "q8_0", 1.0f, refuse_q8_0_layer1, 2);
+    // (f) the formats without a ggml type: custom nodes, computed on the CPU wherever x is, so the
+    // device is not asked about them; nvfp4 (a tensor scale) first reads the whole tensor's row maxima
+    run_case("mxfp4_portable_not_asked", P, "mxfp4", 1.0f, refuse_everything);
+    run_case("nvfp4_portable_not_asked", P, "nvfp4", 0.5f, refuse_everything);
+    run_case("nvfp4_fused", F, "nvfp4", 1.0f, refuse_everything);
+    // ... except the copy over x where x must keep the result (a graph output such as the logits)
+    run_case("mxfp4_output_copy_refused", P, "mxfp4", 1.0f, refuse_everything, 1, 64, true);
+    run_case("mxfp4_output_copy_accepted", P, "mxfp4", 1.0f, refuse_nothing, 1, 64, true);
+    // (g) rows that ggml's block formats cannot take (no tensor of the test models has such rows)
+    run_case("q8_0_rows_not_multiple", F, "q8_0", 1.0f, refuse_nothing, 1, 100);
+    run_case("mxfp4_ggml_rows_not_multiple", P, "mxfp4_ggml", 1.0f, refuse_nothing, 1, 100);
+    run_case("mxfp4_rows_not_multiple", F, "mxfp4", 1.0f, refuse_nothing, 1, 100);
     return 0;
 }
