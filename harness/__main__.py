@@ -336,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("atlas", help="the precision atlas: every position x layer x format; writes atlas.md")
     p.add_argument("--models", nargs="+", help="model names (default: the experiment models, $FQ_EXPERIMENT_MODELS)")
     p.add_argument("--positions", nargs="+", help="positions (names of the pp graph; default: every one)")
-    p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B")
+    p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B, or none "
+                                    "(every layer at once only)")
     p.add_argument("--formats", nargs="+", help="formats of docs/formats.md: bf16 f16 q8_0 fp8_e4m3 fp8_e5m2 "
                    "fp8_e4m3_tensor fp8_e5m2_tensor mxfp8_e4m3 mxfp8_e5m2 mxfp6_e2m3 mxfp6_e3m2 mxfp4 mxint8 nvfp4 int8 "
                    "mxfp4_ggml (default: all; single layers for bf16 f16 fp8_e4m3 mxfp4 nvfp4 int8)")

@@ -82,6 +82,7 @@ FORMATS = tuple(TABLE)
 SINGLE_FORMATS = ("bf16", "f16", "fp8_e4m3", "mxfp4", "nvfp4", "int8")
 Q8_0_BLOCK = TABLE["q8_0"].row_multiple
 NO_LAYER = ("result_norm", "result_output")
+NO_SINGLE_LAYERS = "none"  # --layers none: no single-layer points, every layer at once only
 REFERENCE = ("result_output", "bf16")  # the logits rounded to bf16: the yardstick of the report
 
 
@@ -395,9 +396,11 @@ class ModelAtlas:
         return [p for p in self.positions if p.name in chosen]
 
     def plan(self, positions: Sequence[str] | None, layers: str | None, formats: Sequence[str] | None) -> list[Point]:
-        """The atlas's points restricted to `positions`, `layers`, `formats` (None: every one)."""
+        """The atlas's points restricted to `positions`, `layers`, `formats` (None: every one); layers
+        NO_SINGLE_LAYERS: every layer at once only."""
         fmts = check_choice("format", formats, FORMATS) if formats else list(FORMATS)
-        return plan(self.select(positions), parse_layers(layers, self.facts.n_layer), fmts)
+        singles = [] if layers == NO_SINGLE_LAYERS else parse_layers(layers, self.facts.n_layer)
+        return plan(self.select(positions), singles, fmts)
 
     def candidates(self, fmt: str, positions: Sequence[str] | None, layers: str | None) -> list[Point]:
         """The advisor's single sites: each chosen position at each chosen layer, or alone if of no layer."""

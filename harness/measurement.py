@@ -74,6 +74,8 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("results", 1, "2ec20a00b05e5b48",
                  "the driver binds llama_fake_quant_formats (the native format list); the measurement's calls are "
                  "unchanged"),
+    Confirmation("atlas", 1, "905f89a886115d7a",
+                 "--layers none plans every layer at once only; other plans are unchanged (tests/unit/test_atlas.py)"),
 )
 
 

@@ -81,6 +81,13 @@ def test_plan_counts_every_point_and_records_block_format_skips_with_the_reason(
     assert skipped["ffn_norm.mxfp4_ggml.all"] == "mxfp4_ggml rounds blocks of 32 values along ne0; ffn_norm has ne0 = 8"
 
 
+def test_layers_none_plans_every_layer_at_once_only(tmp_path):
+    facts = atlas.ModelFacts("m", "/m.gguf", "ab" * 32, "llama", "F32", N_LAYER, 9, tuple(LISTING),
+                             {"model": "ab", "build": "k"}, {"key": "k"}, {"name": "t", "sha256": "s"}, {"name": "cpu"})
+    planned = atlas.ModelAtlas(facts, 1, tmp_path).plan(["ffn_norm"], atlas.NO_SINGLE_LAYERS, ["mxfp4", "bf16"])
+    assert planned == [Point("ffn_norm", "bf16"), Point("ffn_norm", "mxfp4"), Point("result_output", "bf16")]
+
+
 def test_the_reference_point_is_added_to_any_selection():
     ffn = [Position("ffn_norm", 576, True)]
     points = plan(ffn, [1], ["f16"])
