@@ -117,10 +117,13 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
     return result
 
 
-def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0) -> ArchResult:
+def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, timeout: float = 600) -> ArchResult:
     env = dict(os.environ, FQ_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path), backend, str(gpu_layers)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path), backend, str(gpu_layers)],
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ArchResult(path.name, f"cannot run: no result within {timeout:.0f} s")
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["no output"]
         reason = f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else f"exit {proc.returncode}: {lines[-1]}"

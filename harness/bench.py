@@ -366,6 +366,8 @@ def main_bench(argv: list[str] | None = None) -> int:
                    help="layers offloaded to the GPU backend's device (default: every one, or $FQ_GPU_LAYERS)")
     p.add_argument("--formats", nargs="+", default=[],
                    help="also time ffn_norm at every layer in these formats (harness.formats; e.g. fp8_e4m3 mxfp4)")
+    p.add_argument("--no-suite", action="store_true",
+                   help="do not read the suite's time share from the last results file (needs no statistics packages)")
     p.add_argument("--token-stats", action="store_true",
                    help="only time the token statistics (harness.metrics) per block size and thread count")
     args = p.parse_args(argv)
@@ -382,7 +384,7 @@ def main_bench(argv: list[str] | None = None) -> int:
     try:
         run_bench(models, pp_tokens=_pick(args.pp, 64 if quick else 512), tg_tokens=_pick(args.tg, 8 if quick else 128),
                   repetitions=_pick(args.reps, 2 if quick else 5), threads=args.threads, out=out,
-                  backend=args.backend, gpu_layers=args.gpu_layers, formats=args.formats)
+                  backend=args.backend, gpu_layers=args.gpu_layers, formats=args.formats, suite=not args.no_suite)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

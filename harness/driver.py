@@ -206,7 +206,6 @@ class Model:
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         self.path = path
-        self.n_gpu_layers = n_gpu_layers
         # with a GPU device every context gets its backend (whatever n_gpu_layers): its rules are then
         # fixed after the first decode, and Context.set_fake_quant renews the context to change them
         self.gpu = any(d.gpu for d in devices(build))

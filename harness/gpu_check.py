@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
@@ -340,16 +341,18 @@ def write_llama(path: Path, n_embd: int, n_layer: int, n_ff: int, n_head: int, n
 
 
 def bench_step(backend: str, shape: str, model_dir: Path, out: Path, gpu_layers: int) -> dict:
-    from harness.bench import run_bench
-    from harness.driver import Model  # noqa: F401 - bench binds the build; imported here to fail early
-
+    """harness.bench in a process of its own (a crash there must not end the check)."""
     dims = SHAPES[shape]
     path = model_dir / f"llama-{shape}-f16.gguf"
     if not path.exists():
         write_llama(path, **dims)
     settings = BENCH[shape]
-    result = run_bench([str(path)], pp_tokens=settings["pp"], tg_tokens=settings["tg"], repetitions=settings["reps"],
-                       out=out / "bench.json", backend=backend, gpu_layers=gpu_layers, suite=False)
+    bench = _run([sys.executable, "-m", "harness", "bench", "--models", str(path), "--backend", backend,
+                  "--gpu-layers", str(gpu_layers), "--pp", str(settings["pp"]), "--tg", str(settings["tg"]),
+                  "--reps", str(settings["reps"]), "--out", str(out / "bench.json"), "--no-suite"], timeout=400)
+    if bench["status"] != "ok":
+        raise RuntimeError(f"harness bench: {bench['status']}:\n{bench['stderr'][-3000:]}")
+    result = json.loads((out / "bench.json").read_text())
     summary = {}
     for cfg, entry in result["models"][str(path)]["configs"].items():
         summary[cfg] = {phase: {"tokens_per_s": round(entry[phase]["tokens_per_s"], 1),
@@ -358,23 +361,32 @@ def bench_step(backend: str, shape: str, model_dir: Path, out: Path, gpu_layers:
                                 "meets_target": entry[phase]["meets_target"]} for phase in ("pp", "tg")}
         summary[cfg]["compute_buffer_mib"] = entry["memory"]["compute_buffer_mib"]
     return {"model": str(path), "shape": dims, "settings": settings, "bench_json": str(out / "bench.json"),
-            "summary": summary, "devices": result["machine"]["devices"]}
+            "table": bench["stderr"].strip().splitlines()[-6:], "summary": summary,
+            "devices": result["machine"]["devices"]}
 
 
 def archs_step(run: Run, backend: str, gpu_layers: int, workers: int, only: list[str], label: str) -> dict:
     """The sweep of harness.archs on the backend's build, a process per model, stopping (not starting
-    more models) when the time is nearly up; the table and every model's result."""
+    more models, cutting the running ones short) when the time is nearly up; the table and every
+    model's result. The count so far is saved as the models finish."""
     from harness.archs import _check_in_subprocess, arch_models, table
     from harness.build import build
 
     b = build(backend)
     paths = [p for p in sorted(arch_models(b).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
-    margin = 30.0
+    margin = 20.0
+    lock = threading.Lock()
+    finished: list[str] = []
 
     def one(path: Path):
         if run.left() < margin:
             return None
-        return _check_in_subprocess(path, backend, gpu_layers)
+        result = _check_in_subprocess(path, backend, gpu_layers, timeout=max(run.left() - 5, 10))
+        with lock:
+            finished.append(f"{result.model}: {result.status}")
+            run.data["steps"][f"archs_{label}"] = {"status": "running", "finished": list(finished)}
+            run.save()
+        return result
 
     with ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(one, paths))
@@ -425,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir.mkdir(parents=True, exist_ok=True)
         run.step("bench", bench_step, args.backend, args.shape, model_dir, args.out, gpu, need=120)
     if "archs" not in args.skip:
-        run.step("archs_all_layers", archs_step, run, args.backend, gpu, args.workers, args.only, "all", need=60)
+        run.step("archs_all", archs_step, run, args.backend, gpu, args.workers, args.only, "all", need=60)
         if args.backend != "cpu":
             run.step("archs_partial", archs_step, run, args.backend, PARTIAL_LAYERS, args.workers, args.only,
                      "partial", need=60)

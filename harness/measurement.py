@@ -76,6 +76,8 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "unchanged"),
     Confirmation("atlas", 1, "905f89a886115d7a",
                  "--layers none plans every layer at once only; other plans are unchanged (tests/unit/test_atlas.py)"),
+    Confirmation("results", 1, "aad9a9864a5babab",
+                 "driver.Model drops an unused attribute (n_gpu_layers); nothing reads it"),
 )
 
 

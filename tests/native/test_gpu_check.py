@@ -42,7 +42,7 @@ def test_gpu_check_dry_run_on_the_cpu(build, tmp_path):
     data = json.loads((out / "gpu_check.json").read_text())
     steps = data["steps"]
     assert proc.returncode == 0, {k: v.get("error") for k, v in steps.items()} or proc.stderr[-3000:]
-    assert list(steps) == ["environment", "build", "abi", "load", "rules", "bench", "archs_all_layers"]
+    assert list(steps) == ["environment", "build", "abi", "load", "rules", "bench", "archs_all"]
     unpacked = str(tmp_path / "unpacked")
     for module in ("llama_cpp", "gguf", "yaml", "diskcache"):
         assert steps["environment"]["modules"][module].startswith(unpacked), module
@@ -60,6 +60,6 @@ def test_gpu_check_dry_run_on_the_cpu(build, tmp_path):
     assert bench["shape"] == SHAPES["tiny"] and set(bench["summary"]) == {"off", "ffn_norm", "ffn_norm+logits",
                                                                          "reference"}
     assert (out / "bench.json").exists()
-    archs = steps["archs_all_layers"]
+    archs = steps["archs_all"]
     assert (archs["checked"], archs["bit_identical"], archs["exceptions"]) == (1, 1, {})
     assert "llama-dense | " in (out / "archs-all.md").read_text()
