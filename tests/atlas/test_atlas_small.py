@@ -1,11 +1,12 @@
 """A small real atlas and the budget advisor on SmolLM2-135M with F32 weights (the rounding alone):
-two positions, layers 0 and 29, one chunk (447 tokens) per point. Checks the code path, the point
+two positions, layers 0 and 29, bf16, f16, q8_0 and mxfp4 (a block format of the format table), one
+chunk (447 tokens) per point. Checks the code path, the point
 cache (a second run measures nothing), what must hold of the figures, the report section, and that
 the advised set's measured KLD stays within its budget.
 
 The points are cached like the atlas's (keyed by build, model, corpus and code), so a rerun of an
 unchanged tree measures only the advised set; cold, this module measures the model's baseline
-(the matrix's: 9 chunks, the task prompts, generation) and 16 points.
+(the matrix's: 9 chunks, the task prompts, generation) and 22 points.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.native
 MODEL = "smollm2-f32"
 POSITIONS = ("attn_norm", "ffn_norm")
 LAYERS = "0,29"
+FORMATS = ("bf16", "f16", "q8_0", "mxfp4")
 CHUNKS = 1
 TOKENS = 447  # scored tokens of one chunk
 BUDGET = 5e-6
@@ -44,8 +46,8 @@ def session(build, offload):
 @pytest.fixture(scope="module")
 def small(session):
     """The small atlas, asked for twice: (first part, measured then, second part, measured then)."""
-    first, measured = model_atlas(session, POSITIONS, LAYERS, None, CHUNKS)
-    second, measured_again = model_atlas(session, POSITIONS, LAYERS, None, CHUNKS)
+    first, measured = model_atlas(session, POSITIONS, LAYERS, FORMATS, CHUNKS)
+    second, measured_again = model_atlas(session, POSITIONS, LAYERS, FORMATS, CHUNKS)
     return first, measured, second, measured_again
 
 
@@ -57,8 +59,8 @@ def kld_of(session, point: Point) -> np.ndarray:
 
 def test_small_atlas_points_and_cache(small, session):
     first, measured, second, measured_again = small
-    # 2 positions x 2 layers x (bf16, f16) + 2 positions x (bf16, f16, q8_0) + the reference (result_output bf16)
-    assert len(first["points"]) == 15 and 0 <= measured <= 15
+    # 2 positions x 2 layers x (bf16, f16, mxfp4) + 2 positions x (bf16, f16, q8_0, mxfp4) + the reference
+    assert len(first["points"]) == 21 and 0 <= measured <= 21
     assert measured_again == 0, "the second run measured points that were cached"
     assert second["points"] == first["points"]
     n_layer = session.model.n_layer
@@ -83,6 +85,15 @@ def test_f16_hurts_less_than_bf16_at_ffn_norm(small, session, layer):
     assert diff.lo > 0, diff
 
 
+@pytest.mark.parametrize("layer", [0, 29, None], ids=["layer0", "layer29", "all"])
+def test_mxfp4_hurts_more_than_bf16_at_ffn_norm(small, session, layer):
+    """MXFP4 keeps 1 mantissa bit per element (and a shared power-of-two scale per 32), bf16 keeps 7:
+    the paired per-token difference mxfp4 - bf16 is positive with its 95 % interval (measured)."""
+    diff = paired_ci(kld_of(session, Point("ffn_norm", "mxfp4", layer)),
+                     kld_of(session, Point("ffn_norm", "bf16", layer)))
+    assert diff.lo > 0, diff
+
+
 def test_small_atlas_report(small, session, tmp_path):
     first = small[0]
     data = tmp_path / "atlas" / "atlas.json"
@@ -95,7 +106,8 @@ def test_small_atlas_report(small, session, tmp_path):
     assert "(only 2 of 30 layers measured, so not listed below)" in text
     assert "skipped: layers 1-28 not measured (the sum needs every layer)" in text
     assert f"{ref['kld_ci'][0]:.3g}" in text
-    for name in ("heatmap_bf16", "heatmap_f16", "ranking"):
+    assert "### Where mxfp4 stays below the reference (result_output bf16), one layer at a time" in text
+    for name in ("heatmap_bf16", "heatmap_f16", "heatmap_mxfp4", "ranking"):
         assert (tmp_path / "atlas" / f"{name}-{MODEL}.png").read_bytes()[:4] == b"\x89PNG"
 
 
