@@ -97,23 +97,25 @@ class Pair:
         finally:
             self.hook.set_rules([])
 
-    def record_native(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, Sites, int]:
-        """The recording context's logits of positions first.., its sites as (name, result) in graph
-        order, and its site count (with the implementation LLAMA_FAKE_QUANT_IMPL says)."""
+    def record_native(self, rules: list[FakeQuantRule], n_tokens: int, first: int) -> tuple[np.ndarray, Sites, int]:
+        """On the first n_tokens tokens, the recording context's logits of positions first.., its sites as
+        (name, result) in graph order, and its site count (the implementation LLAMA_FAKE_QUANT_IMPL says)."""
         self.recording.set_fake_quant(rules)
         self.recorder.sites = []
         try:
-            return self.recording.logits(self.tokens, first), self.recorder.sites, self.recording.fake_quant_sites
+            return (self.recording.logits(self.tokens[:n_tokens], first), self.recorder.sites,
+                    self.recording.fake_quant_sites)
         finally:
             self.recording.set_fake_quant([])
             self.recorder.sites = None
 
-    def record_reference(self, rules: list[FakeQuantRule], first: int = 0) -> tuple[np.ndarray, Sites]:
-        """The reference's logits of positions first.. and the tensors it rounded, in graph order."""
+    def record_reference(self, rules: list[FakeQuantRule], n_tokens: int, first: int) -> tuple[np.ndarray, Sites]:
+        """On the first n_tokens tokens, the reference's logits of positions first.. and the tensors it
+        rounded, in graph order."""
         self.hook.set_rules(rules)
         self.hook.sites = []
         try:
-            return self.ref.logits(self.tokens, first), self.hook.sites
+            return self.ref.logits(self.tokens[:n_tokens], first), self.hook.sites
         finally:
             self.hook.set_rules([])
             self.hook.sites = None
