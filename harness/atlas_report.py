@@ -224,8 +224,8 @@ def section_intro(data: dict) -> list[str]:
         f"any point. A position *stays below it at every layer* when each single-layer bf16 point's upper bound is "
         f"below the reference's lower bound (\"clearly\"), or at least each mean is below the reference's mean "
         f"(\"by the means\").",
-        f"- q8_0 rounds blocks of {rule['q8_0_block']} values along ne0: positions whose ne0 is not a multiple are "
-        f"listed as skipped, with the reason.",
+        "- " + ", ".join(f"{f} rounds blocks of {n}" for f, n in rule.get("row_multiples", {"q8_0": rule["q8_0_block"]}).items())
+        + " values along ne0: positions whose ne0 is not a multiple are listed as skipped, with the reason.",
         "- **Additivity**: per position and format, the per-token sum of the single-layer KLDs against the "
         "all-layers KLD on the tokens every one of those points measured; the interval of the difference "
         "(sum − all) comes from bootstrapping that per-token difference (paired, so what layers share on the same "
