@@ -58,8 +58,8 @@ def arch_models(build: Build) -> Path:
     return publish(final, make)
 
 
-def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
-    """In this process: every pp-graph name in every format of FORMATS at all its tensors, native vs
+def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence[str] = FORMATS) -> ArchResult:
+    """In this process: every pp-graph name in every format of `formats` at all its tensors, native vs
     reference."""
     import numpy as np
 
@@ -93,7 +93,7 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
                 if "names at layer 0: " not in str(err) or not all(n in str(err) for n in at_layer0):
                     result.mismatches.append(f"ffn_norm: the error does not list the names of layer 0: {err}")
         for target in targets:
-            for fmt in FORMATS:
+            for fmt in formats:
                 progress(f"target {target.name} {fmt}")
                 rules = [FakeQuantRule(target.name, fmt)]
                 native.set_fake_quant(rules)
@@ -117,10 +117,12 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0) -> ArchResult:
     return result
 
 
-def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, timeout: float = 600) -> ArchResult:
+def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, timeout: float = 600,
+                         formats: Sequence[str] = FORMATS) -> ArchResult:
     env = dict(os.environ, FQ_THREADS="1")
     try:
-        proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path), backend, str(gpu_layers)],
+        proc = subprocess.run([sys.executable, "-m", "harness.archs", str(path), backend, str(gpu_layers),
+                               ",".join(formats)],
                               capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return ArchResult(path.name, f"cannot run: no result within {timeout:.0f} s")
@@ -134,13 +136,15 @@ def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, 
     return ArchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequence[str] = ()) -> list[ArchResult]:
+def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequence[str] = (),
+              formats: Sequence[str] = FORMATS) -> list[ArchResult]:
     """Every generated model (or those whose file names start with one of `only`), `workers`
-    processes at a time, in name order."""
+    processes at a time, in name order, in `formats`."""
     paths = [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
     results: list[ArchResult] = []
     with ThreadPoolExecutor(workers) as pool:
-        for i, result in enumerate(pool.map(lambda p: _check_in_subprocess(p, build.backend, gpu_layers), paths), 1):
+        for i, result in enumerate(pool.map(lambda p: _check_in_subprocess(p, build.backend, gpu_layers,
+                                                                           formats=formats), paths), 1):
             results.append(result)
             progress(f"architectures {i}/{len(paths)}: {result.model} {result.status}")
     return results
@@ -169,8 +173,9 @@ def update_readme(text: str) -> None:
     README.write_text(head + BEGIN + "\n" + text + END + rest.split(END, 1)[1])
 
 
-if __name__ == "__main__":  # one model, in a child process of check_all: PATH [BACKEND GPU_LAYERS]
+if __name__ == "__main__":  # one model, in a child process of check_all: PATH [BACKEND GPU_LAYERS [FORMATS]]
     from harness.build import build as _build
 
     backend, layers = (sys.argv[2], int(sys.argv[3])) if len(sys.argv) > 3 else ("cpu", 0)
-    print(json.dumps(asdict(check_model(Path(sys.argv[1]), _build(backend), layers))))
+    chosen = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else FORMATS
+    print(json.dumps(asdict(check_model(Path(sys.argv[1]), _build(backend), layers, chosen))))

