@@ -10,7 +10,9 @@ change to that code fails the test until someone decides, in the same commit, ei
   confirmation with the new version, or
 - they do not: add a confirmation with the same version and a note saying which re-measured sample
   came out identical (command and count).
-`python -m harness measurement` prints the current fingerprints and a confirmation line to paste.
+`python -m harness measurement` prints the current fingerprints and a confirmation line to paste;
+`python -m harness measurement verify [--model M] [--sample N]` (harness.verify) re-measures a sample
+of cached groups and atlas points in memory and compares them with the cache, bit for bit.
 """
 
 from __future__ import annotations
