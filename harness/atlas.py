@@ -69,6 +69,7 @@ from harness.formats import TABLE
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
+from harness.records import Estimate, MeasuredPoint, NonFinite, NonFinitePoint, PointId, SkippedPoint, Timing
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
 from harness.runner import ModelSession
@@ -166,14 +167,15 @@ def stop_reason(ci: Interval, chunks: int, max_chunks: int) -> str | None:
     return None
 
 
-def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int) -> dict:
+def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int,
+                  point: PointId | None = None) -> MeasuredPoint | NonFinitePoint:
     """Measure `rules` on the matrix's chunks, adding chunks until stop_reason says stop: the
     per-token KLDs, their interval, the matrix's token summary, sites and timing."""
     base_dir = session.baseline_dir  # before the clock starts: shared by every point
     ctx = session.ctx
     started, compute_before = time.perf_counter(), ctx.compute_seconds
     ctx.set_fake_quant(list(rules))
-    non_finite: dict | None = None
+    non_finite: NonFinite | None = None
     try:
         sites = ctx.fake_quant_sites
         parts: list[TokenStats] = []
@@ -186,7 +188,7 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                 rows = int(np.count_nonzero(~np.isfinite(test).all(axis=1)))
                 if rows == 0:
                     raise
-                non_finite = {"chunk": i, "rows": rows, "of": len(test)}
+                non_finite = NonFinite(i, rows, len(test))
                 break
             stats = TokenStats.concat(parts)
             ci = mean_ci(stats.kld, resamples=RESAMPLES)
@@ -195,13 +197,11 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                 break
     finally:
         ctx.set_fake_quant([])
-    timing = {"wall_s": time.perf_counter() - started, "compute_s": ctx.compute_seconds - compute_before}
+    timing = Timing(time.perf_counter() - started, ctx.compute_seconds - compute_before)
     if non_finite is not None:
-        return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": non_finite["chunk"] + 1,
-                "stop": "non-finite", "non_finite": non_finite, "timing": timing}
-    return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": len(parts), "stop": stop,
-            "kld_ci": ci.triple(), "block": ci.block, "tokens": summarize(stats), "kld": stats.kld.tolist(),
-            "timing": timing}
+        return NonFinitePoint(point, tuple(rules), sites, non_finite.chunk + 1, "non-finite", non_finite, timing)
+    return MeasuredPoint(point, tuple(rules), sites, len(parts), stop, Estimate(*ci.triple()), ci.block,
+                         summarize(stats), timing, stats.kld.tolist())
 
 
 def has_kld(record: dict) -> bool:
@@ -216,14 +216,13 @@ def non_finite_text(record: dict) -> str:
 
 def measure_point(session: ModelSession, point: Point, ne0: int, max_chunks: int) -> dict:
     """A point's record: measured, or skipped with the reason."""
-    record: dict = {"point": asdict(point)}
     reason = skip_reason(point, ne0)
     if reason is None:
         try:
-            return record | measure_rules(session, [point.rule], max_chunks)
+            return measure_rules(session, [point.rule], max_chunks, PointId(**asdict(point))).to_json()
         except FakeQuantError as exc:
             reason = f"libllama refused the rule: {exc}"
-    return record | {"skipped": reason}
+    return SkippedPoint(PointId(**asdict(point)), reason).to_json()
 
 
 class PointStore:
@@ -419,7 +418,7 @@ class ModelAtlas:
 
     def measure_set(self, rules: Sequence[FakeQuantRule]) -> dict:
         """Several rules measured as one run (the advised set); not stored."""
-        return measure_rules(self.session, rules, self.max_chunks)
+        return measure_rules(self.session, rules, self.max_chunks).to_json()
 
     def compute_seconds(self) -> float:
         """Seconds inside llama_decode so far, for a run's timing."""

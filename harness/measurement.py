@@ -80,6 +80,16 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "--layers none plans every layer at once only; other plans are unchanged (tests/unit/test_atlas.py)"),
     Confirmation("results", 1, "aad9a9864a5babab",
                  "driver.Model drops an unused attribute (n_gpu_layers); nothing reads it"),
+    Confirmation("results", 1, "a141058bbbef6587",
+                 "typed records (harness.records: runner builds a GroupRecord, summarize a TokenSummary) and the "
+                 "METRICS table: `python -m harness measurement verify --sample 5` re-measured smollm2-f32's groups "
+                 "all, layer00, layer10, layer21, scale050 in memory: records and arrays.npz bit-identical to the "
+                 "cache (5 of 5, timing aside); the whole cache (1,837 records) reads and writes back identical"),
+    Confirmation("atlas", 1, "fcc239a57febcad8",
+                 "atlas points built as MeasuredPoint/NonFinitePoint/SkippedPoint and written by to_json: the same "
+                 "verify run re-measured 5 points of smollm2-f32 (max chunks 1: attn_norm.bf16.L000, "
+                 "attn_norm.int8.all, ffn_norm.bf16.L000, ffn_norm.int8.all, result_output.bf16.all): 5 of 5 "
+                 "identical, timing aside"),
 )
 
 

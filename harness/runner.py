@@ -28,6 +28,7 @@ from harness.measurement import RESULTS_VERSION
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
 from harness.models import GGUFInfo, ModelFile, get_model, model_info
 from harness.numerics import layer_numerics
+from harness.records import AnswerLogprob, Continuation, GroupRecord, Tasks, Timing
 from harness.reference import Capture
 
 NUMERICS_TOKENS = 128  # positions of chunk 0 whose per-layer tensors are compared
@@ -158,7 +159,7 @@ class ModelSession:
         def make(tmp: Path) -> None:
             record, arrays = self._measure(self.groups[group_id])
             np.savez(tmp / "arrays.npz", **arrays)
-            (tmp / "record.json").write_text(json.dumps(record, indent=1, ensure_ascii=False))
+            (tmp / "record.json").write_text(json.dumps(record.to_json(), indent=1, ensure_ascii=False))
             (tmp / KEY_FILE).write_text(json.dumps(self.result_key(group_id), indent=1))
 
         final = publish(self.result_dir(group_id), make)
@@ -166,7 +167,7 @@ class ModelSession:
             arrays = {k: data[k] for k in data.files}
         return json.loads((final / "record.json").read_text()), arrays
 
-    def _measure(self, group: matrix.Group) -> tuple[dict, dict[str, np.ndarray]]:
+    def _measure(self, group: matrix.Group) -> tuple[GroupRecord, dict[str, np.ndarray]]:
         base_dir = self.baseline_dir  # before the clock starts: it is shared by every group
         started = time.perf_counter()
         compute_before = self.compute_seconds
@@ -182,29 +183,26 @@ class ModelSession:
                 base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
                 parts.append(self.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             stats = TokenStats.concat(parts)
-            record = {
-                "group": group.id, "model": self.name, "kind": group.kind, "description": group.description,
-                "rules": [asdict(r) for r in group.rules], "layer": group.layer, "scale": group.scale,
-                "fake_quant_sites": sites, "tokens": summarize(stats),
-            }
             arrays = {name: getattr(stats, name) for name in TOKEN_ARRAYS}
+            tasks = generation = numerics = None
             if group.tasks:
-                record["tasks"], task_arrays = self._tasks(base_dir)
+                tasks, task_arrays = self._tasks(base_dir)
                 arrays.update(task_arrays)
             if group.generation:
-                record["generation"] = self._generation(base_dir)
+                generation = self._generation(base_dir)
             if group.numerics:
-                record["numerics"] = layer_numerics(self.baseline_tensors, self._capture(list(group.rules)),
-                                                    self.model.n_layer)
+                numerics = layer_numerics(self.baseline_tensors, self._capture(list(group.rules)), self.model.n_layer)
         finally:
             self.ctx.set_fake_quant([])
             self.generation_ctx.set_fake_quant([])
         wall = time.perf_counter() - started
         compute = self.compute_seconds - compute_before
-        record["timing"] = {"wall_s": round(wall, 3), "compute_s": round(compute, 3)}
+        record = GroupRecord(group.id, self.name, group.kind, group.description, tuple(group.rules), group.layer,
+                             group.scale, sites, summarize(stats), tasks, generation, numerics,
+                             Timing(round(wall, 3), round(compute, 3)))
         return record, arrays
 
-    def _tasks(self, base_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    def _tasks(self, base_dir: Path) -> tuple[Tasks, dict[str, np.ndarray]]:
         """Token statistics per kind of prompt, and per prompt its mean KLD and (arithmetic)
         the change of the answer's log-probability: the arrays H5 and the report's intervals use."""
         per_kind: dict[str, list[TokenStats]] = {"arithmetic": [], "text": []}
@@ -212,13 +210,13 @@ class ModelSession:
             base = np.load(base_dir / f"task{i:03d}.npy", mmap_mode="r")
             stats = self.token_stats(base, self._task_logits(task, copy=False), np.asarray(task.tokens[task.first:]))
             per_kind[task.kind].append(stats)
-        record: dict = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
         arrays = {f"task_kld_{kind}": np.array([s.kld.mean() for s in parts]) for kind, parts in per_kind.items()}
         base_lp = np.array([-s.nll_base.sum() for s in per_kind["arithmetic"]])
         test_lp = np.array([-s.nll_test.sum() for s in per_kind["arithmetic"]])
-        record["answer_logprob"] = {"base_mean": float(base_lp.mean()), "test_mean": float(test_lp.mean())}
         arrays["answer_logprob_delta"] = test_lp - base_lp
-        return record, arrays
+        summary = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
+        return Tasks(summary["arithmetic"], summary["text"],
+                     AnswerLogprob(float(base_lp.mean()), float(test_lp.mean()))), arrays
 
     def _generate(self) -> list[dict]:
         """Greedy continuations of the fixed prompts and the design's seeded scenario."""
@@ -229,11 +227,11 @@ class ModelSession:
                  "prompt": prompt, "tokens": tokens, "text": self.model.detokenize(tokens)}
                 for ((pid, kind, prompt), seed), tokens in zip(cases, continuations, strict=True)]
 
-    def _generation(self, base_dir: Path) -> list[dict]:
+    def _generation(self, base_dir: Path) -> tuple[Continuation, ...]:
         """This group's continuations, each compared with the baseline's (recorded when the
         baseline was made, so the baseline group's own run is a real comparison too)."""
         reference = json.loads((base_dir / "generation.json").read_text())
-        return [dict(g, **generation_match(reference[g["id"]], g["tokens"])) for g in self._generate()]
+        return tuple(Continuation(**g, **generation_match(reference[g["id"]], g["tokens"])) for g in self._generate())
 
     @cached_property
     def baseline_tensors(self) -> dict[str, np.ndarray]:

@@ -102,7 +102,7 @@ def verify_groups(session, n: int, outcome: Outcome) -> None:
         record, arrays = session._measure(group)
         with np.load(stored / "arrays.npz") as data:
             found = array_differences({k: data[k] for k in data.files}, arrays)
-        found += differences(json.loads((stored / "record.json").read_text()), as_stored(record))
+        found += differences(json.loads((stored / "record.json").read_text()), as_stored(record.to_json()))
         outcome.add(f"{session.name}/{group.id}", found)
 
 

@@ -26,6 +26,7 @@ from harness.cache import HarnessError
 from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
 from harness.metrics import token_stats
+from harness.records import MeasuredPoint, NonFinitePoint
 from harness.reference import parse_layers as reference_parse_layers
 from harness.measurement import ATLAS_VERSION
 from harness.runner import ModelSession
@@ -459,7 +460,9 @@ class FakeSession:
 @pytest.mark.parametrize("bad_chunk", [0, 1])
 def test_measure_rules_records_non_finite_logits(tmp_path, bad_chunk, monkeypatch):
     monkeypatch.setattr(atlas, "stop_reason", lambda ci, chunks, max_chunks: None if chunks < max_chunks else "max")
-    record = atlas.measure_rules(FakeSession(tmp_path, bad_chunk), [FakeQuantRule("x", "f16")], max_chunks=2)
+    typed = atlas.measure_rules(FakeSession(tmp_path, bad_chunk), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert isinstance(typed, NonFinitePoint)
+    record = typed.to_json()
     assert record["non_finite"] == {"chunk": bad_chunk, "rows": 3, "of": record["non_finite"]["of"]}
     assert record["stop"] == "non-finite" and record["chunks"] == bad_chunk + 1
     assert "kld_ci" not in record and "kld" not in record and not atlas.has_kld(record)
@@ -467,8 +470,8 @@ def test_measure_rules_records_non_finite_logits(tmp_path, bad_chunk, monkeypatc
 
 
 def test_measure_rules_with_finite_logits_has_a_kld(tmp_path):
-    record = atlas.measure_rules(FakeSession(tmp_path, None), [FakeQuantRule("x", "f16")], max_chunks=2)
-    assert atlas.has_kld(record) and record["kld_ci"][0] > 0
+    typed = atlas.measure_rules(FakeSession(tmp_path, None), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert isinstance(typed, MeasuredPoint) and typed.kld_ci.estimate > 0 and atlas.has_kld(typed.to_json())
 
 
 def test_a_non_finite_baseline_is_still_an_error(tmp_path):
