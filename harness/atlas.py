@@ -72,7 +72,7 @@ from harness.metrics import TokenStats, summarize
 from harness.records import Estimate, MeasuredPoint, NonFinite, NonFinitePoint, PointId, SkippedPoint, Timing
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
-from harness.runner import ModelSession
+from harness.runner import ModelSession, entry_name
 
 MAX_CHUNKS = 4
 REL_HALF_WIDTH = 0.25
@@ -171,7 +171,7 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                   point: PointId | None = None) -> MeasuredPoint | NonFinitePoint:
     """Measure `rules` on the matrix's chunks, adding chunks until stop_reason says stop: the
     per-token KLDs, their interval, the matrix's token summary, sites and timing."""
-    base_dir = session.baseline_dir  # before the clock starts: shared by every point
+    baseline = session.baseline  # before the clock starts: shared by every point
     ctx = session.ctx
     started, compute_before = time.perf_counter(), ctx.compute_seconds
     ctx.set_fake_quant(list(rules))
@@ -181,7 +181,7 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
         parts: list[TokenStats] = []
         for i, chunk in enumerate(session.chunks[:max_chunks]):
             test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
-            base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
+            base = baseline.chunk(i)
             try:
                 parts.append(session.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             except ValueError:  # token_stats refuses non-finite logits: the test's are a result, the baseline's not
@@ -364,8 +364,8 @@ class ModelFacts:
                    tuple(session.ctx.fake_quant_targets()), dict(session.key), dict(session.build.fingerprint),
                    {"name": session.corpus.name, "sha256": session.corpus.sha256}, dict(session.backend))
 
-    _tag = staticmethod(ModelSession._tag)
-    entry_name = ModelSession.entry_name  # the same store directory as the session's
+    def entry_name(self, key: dict, part: str = "") -> str:
+        return entry_name(self.name, key, part)  # the same store directory as the session's
 
 
 class ModelAtlas:
@@ -413,7 +413,7 @@ class ModelAtlas:
     def run(self, points: Sequence[Point]) -> tuple[list[dict], int]:
         """Every point's record and how many were measured now (harness.atlas.run_points)."""
         if not all(self.store.has(p) for p in points):
-            self.session.baseline_dir  # made (or found) before the clock of the ETA starts
+            self.session.baseline  # made (or found) before the clock of the ETA starts
         return run_points(points, self.store, self.measure, f"{self.facts.name} atlas")
 
     def measure_set(self, rules: Sequence[FakeQuantRule]) -> dict:
@@ -496,7 +496,7 @@ def provenance(facts: ModelFacts) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": facts.build, "backend": facts.backend,
             "corpus": dict(facts.corpus),
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
-            "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
+            "tokens_per_chunk": matrix.TOKENS_PER_CHUNK,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,
                      "seed": SEED, "q8_0_block": Q8_0_BLOCK, "reference": list(REFERENCE),
                      "row_multiples": {f.name: f.row_multiple for f in TABLE.values() if (f.row_multiple or 0) > 1}}}

@@ -90,6 +90,14 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "verify run re-measured 5 points of smollm2-f32 (max chunks 1: attn_norm.bf16.L000, "
                  "attn_norm.int8.all, ffn_norm.bf16.L000, ffn_norm.int8.all, result_output.bf16.all): 5 of 5 "
                  "identical, timing aside"),
+    Confirmation("results", 1, "672e97a376a77a24",
+                 "ModelSession split: Contexts (its three contexts), BaselineFiles (a baseline's file names, the same "
+                 "names), tag/entry_name (the same cache names); matrix.TOKENS_PER_CHUNK: `python -m harness "
+                 "measurement verify --sample 5` on smollm2-f32: groups all, layer00, layer10, layer21, scale050 "
+                 "bit-identical to the cache (5 of 5, records and arrays, timing aside)"),
+    Confirmation("atlas", 1, "0a1c943ddaedcb70",
+                 "measure_rules reads the baseline through BaselineFiles, ModelFacts names its store by "
+                 "runner.entry_name: the same verify run, 5 points of smollm2-f32 (max chunks 1) identical"),
 )
 
 

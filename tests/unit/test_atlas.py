@@ -29,7 +29,7 @@ from harness.metrics import token_stats
 from harness.records import MeasuredPoint, NonFinitePoint
 from harness.reference import parse_layers as reference_parse_layers
 from harness.measurement import ATLAS_VERSION
-from harness.runner import ModelSession
+from harness.runner import BaselineFiles, ModelSession
 
 N_LAYER = 4
 EVERY = tuple(range(N_LAYER))
@@ -175,7 +175,7 @@ def test_eta_counts_only_points_still_to_measure():
 
 def test_store_key_holds_the_declared_versions_and_the_rule_not_the_code(tmp_path):
     # a model given as a path: its stores are named by the file's stem, inside the root
-    session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"}, _tag=ModelSession._tag)
+    session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"})
     session.entry_name = partial(ModelSession.entry_name, session)
     key = atlas.store_key(session, 4)
     assert key == {"model": "abc", "build": "k", "atlas": str(ATLAS_VERSION), "max_chunks": "4",
@@ -433,16 +433,16 @@ class FakeSession:
     def __init__(self, tmp_path: Path, bad_chunk: int | None, bad_rows: int = 3, baseline_bad: bool = False) -> None:
         from harness import matrix
 
-        n_tokens = matrix.N_CTX - 1 - matrix.SCORED_FROM
+        n_tokens = matrix.TOKENS_PER_CHUNK
         rng = np.random.default_rng(0)
-        self.baseline_dir = tmp_path
+        self.baseline = BaselineFiles(tmp_path)
         self.chunks = [list(rng.integers(0, 16, matrix.N_CTX)) for _ in range(2)]
         self.logits = [rng.standard_normal((n_tokens, 16)).astype(np.float32) for _ in range(2)]
         for i, base in enumerate(self.logits):
             saved = base.copy()
             if baseline_bad and i == 0:
                 saved[0, 0] = np.nan
-            np.save(tmp_path / f"chunk{i:02d}.npy", saved)
+            np.save(self.baseline.chunk_path(i), saved)
         self.bad_chunk, self.bad_rows = bad_chunk, bad_rows
         self.ctx = SimpleNamespace(set_fake_quant=lambda rules: None, fake_quant_sites=1, compute_seconds=0.0)
         self.calls = 0

@@ -51,3 +51,20 @@ def test_a_record_of_another_layout_is_refused(tmp_path):
     (tmp_path / "results" / "m-h-0" / "record.json").write_text(json.dumps(group))
     checked, problems = round_trip_cache(tmp_path)
     assert checked == 2 and len(problems) == 1 and "m-g-0" in problems[0]
+
+
+def test_baseline_files_are_named_in_one_place(tmp_path):
+    """harness.runner.BaselineFiles: the names cached baselines hold, written and read back."""
+    import numpy as np
+
+    from harness.runner import BaselineFiles
+
+    files = BaselineFiles(tmp_path)
+    np.save(files.chunk_path(3), np.ones((2, 4), np.float32))
+    np.save(files.task_path(12), np.zeros((1, 4), np.float32))
+    files.write_generation({"design": [1, 2]})
+    files.write_tensors({"l_out-0": np.arange(3, dtype=np.float32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk03.npy", "generation.json", "numerics.npz",
+                                                          "task012.npy"]
+    assert files.chunk(3).sum() == 8 and files.task(12).shape == (1, 4)
+    assert files.generation() == {"design": [1, 2]} and files.tensors()["l_out-0"].tolist() == [0, 1, 2]
