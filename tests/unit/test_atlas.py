@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ from harness.cache import HarnessError
 from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
 from harness.metrics import token_stats
-from harness.records import MeasuredPoint, NonFinitePoint
+from harness.records import MeasuredPoint, NonFinitePoint, TokenSummary
 from harness.reference import parse_layers as reference_parse_layers
 from harness.measurement import ATLAS_VERSION
 from harness.runner import BaselineFiles, ModelSession
@@ -321,9 +322,10 @@ def synthetic_model(label: str, weight_type: str, scale: float, n_layer: int = 3
                  {"name": "result_output", "ne0": 256, "layered": False}]
 
     def point(position, fmt, layer, value):
-        return {"point": {"position": position, "fmt": fmt, "layer": layer}, "sites": 1, "chunks": 1,
-                "stop": "tight", "kld_ci": [value, value * 0.9, value * 1.1], "block": 2,
-                "tokens": {"n_tokens": 447, "top1_agreement": 0.999, "ppl_ratio": 1.0001},
+        tokens = dict.fromkeys(sorted({f.name for f in fields(TokenSummary)} - TokenSummary.OPTIONAL), value)
+        return {"point": {"position": position, "fmt": fmt, "layer": layer}, "rules": rules_of(position, fmt, layer),
+                "sites": 1, "chunks": 1, "stop": "tight", "kld_ci": [value, value * 0.9, value * 1.1], "block": 2,
+                "tokens": tokens | {"n_tokens": 447, "top1_agreement": 0.999, "ppl_ratio": 1.0001},
                 "timing": {"wall_s": 1.0, "compute_s": 0.9}}
 
     points = [point(p, f, il, scale * (il + 1) * (10 if f == "bf16" else 1) * (2 if p == "ffn_norm" else 1) * 1e-7)
@@ -400,8 +402,14 @@ def test_report_errors_name_the_file(tmp_path):
 # non-finite logits: a result, the worst one ----------------------------------------------------
 
 
+def rules_of(position: str, fmt: str, layer: int | None) -> list[dict]:
+    """A point's rules as the atlas records them (harness.atlas.Point.rule)."""
+    return [asdict(Point(position, fmt, layer).rule)]
+
+
 def overflowed(position: str, fmt: str, layer: int | None) -> dict:
-    return {"point": {"position": position, "fmt": fmt, "layer": layer}, "sites": 1, "chunks": 1,
+    return {"point": {"position": position, "fmt": fmt, "layer": layer}, "rules": rules_of(position, fmt, layer),
+            "sites": 1, "chunks": 1,
             "stop": "non-finite", "non_finite": {"chunk": 0, "rows": 447, "of": 447},
             "timing": {"wall_s": 1.0, "compute_s": 0.9}}
 
