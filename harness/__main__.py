@@ -87,6 +87,13 @@ def _measurement(args: argparse.Namespace) -> str:
         state = "confirmed" if last.fingerprint == measurement.fingerprint(part) else "CHANGED since confirmed"
         lines.append(f"{part}: version {measurement.version(part)}, code {measurement.fingerprint(part)} ({state}; "
                      f"{len(measurement.modules(part))} modules)")
+    if args.action == "verify":
+        from harness.verify import verify
+
+        outcome = verify(args.model, args.sample, args.sample, args.max_chunks, *offload(args.backend, args.gpu_layers))
+        if outcome.differing:
+            raise HarnessError(outcome.text())
+        lines.append(outcome.text())
     problems = measurement.unconfirmed()
     if problems:
         lines += ["to confirm, add to harness/measurement.py CONFIRMATIONS (bump the version if results may change):",
@@ -364,7 +371,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="with prune: list what would be deleted, delete nothing")
     p.set_defaults(run=_cache)
     p = sub.add_parser("measurement", help="the declared measurement versions that key cached results, and "
-                                           "whether the measurement code changed since they were confirmed")
+                                           "whether the measurement code changed since they were confirmed; "
+                                           "`verify` re-measures cached groups and atlas points and compares")
+    p.add_argument("action", nargs="?", choices=("show", "verify"), default="show")
+    p.add_argument("--model", default="smollm2-f32", help="with verify: the model (default smollm2-f32)")
+    p.add_argument("--sample", type=int, default=4, help="with verify: groups and points re-measured, each (default 4)")
+    p.add_argument("--max-chunks", type=int, default=1,
+                   help="with verify: the atlas store whose points are re-measured (default 1, the cheapest)")
+    _offload_options(p)
     p.set_defaults(run=_measurement)
     sub.add_parser("bench", help="benchmarks (python -m harness bench --help)", add_help=False)
     argv = sys.argv[1:] if argv is None else argv

@@ -69,9 +69,10 @@ from harness.formats import TABLE
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
+from harness.records import Estimate, MeasuredPoint, NonFinite, NonFinitePoint, PointId, SkippedPoint, Timing
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
-from harness.runner import ModelSession
+from harness.runner import ModelSession, entry_name
 
 MAX_CHUNKS = 4
 REL_HALF_WIDTH = 0.25
@@ -166,27 +167,28 @@ def stop_reason(ci: Interval, chunks: int, max_chunks: int) -> str | None:
     return None
 
 
-def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int) -> dict:
+def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int,
+                  point: PointId | None = None) -> MeasuredPoint | NonFinitePoint:
     """Measure `rules` on the matrix's chunks, adding chunks until stop_reason says stop: the
     per-token KLDs, their interval, the matrix's token summary, sites and timing."""
-    base_dir = session.baseline_dir  # before the clock starts: shared by every point
+    baseline = session.baseline  # before the clock starts: shared by every point
     ctx = session.ctx
     started, compute_before = time.perf_counter(), ctx.compute_seconds
     ctx.set_fake_quant(list(rules))
-    non_finite: dict | None = None
+    non_finite: NonFinite | None = None
     try:
         sites = ctx.fake_quant_sites
         parts: list[TokenStats] = []
         for i, chunk in enumerate(session.chunks[:max_chunks]):
             test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
-            base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
+            base = baseline.chunk(i)
             try:
                 parts.append(session.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             except ValueError:  # token_stats refuses non-finite logits: the test's are a result, the baseline's not
                 rows = int(np.count_nonzero(~np.isfinite(test).all(axis=1)))
                 if rows == 0:
                     raise
-                non_finite = {"chunk": i, "rows": rows, "of": len(test)}
+                non_finite = NonFinite(i, rows, len(test))
                 break
             stats = TokenStats.concat(parts)
             ci = mean_ci(stats.kld, resamples=RESAMPLES)
@@ -195,13 +197,11 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                 break
     finally:
         ctx.set_fake_quant([])
-    timing = {"wall_s": time.perf_counter() - started, "compute_s": ctx.compute_seconds - compute_before}
+    timing = Timing(time.perf_counter() - started, ctx.compute_seconds - compute_before)
     if non_finite is not None:
-        return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": non_finite["chunk"] + 1,
-                "stop": "non-finite", "non_finite": non_finite, "timing": timing}
-    return {"rules": [asdict(r) for r in rules], "sites": sites, "chunks": len(parts), "stop": stop,
-            "kld_ci": ci.triple(), "block": ci.block, "tokens": summarize(stats), "kld": stats.kld.tolist(),
-            "timing": timing}
+        return NonFinitePoint(point, tuple(rules), sites, non_finite.chunk + 1, "non-finite", non_finite, timing)
+    return MeasuredPoint(point, tuple(rules), sites, len(parts), stop, Estimate(*ci.triple()), ci.block,
+                         summarize(stats), timing, stats.kld.tolist())
 
 
 def has_kld(record: dict) -> bool:
@@ -216,14 +216,13 @@ def non_finite_text(record: dict) -> str:
 
 def measure_point(session: ModelSession, point: Point, ne0: int, max_chunks: int) -> dict:
     """A point's record: measured, or skipped with the reason."""
-    record: dict = {"point": asdict(point)}
     reason = skip_reason(point, ne0)
     if reason is None:
         try:
-            return record | measure_rules(session, [point.rule], max_chunks)
+            return measure_rules(session, [point.rule], max_chunks, PointId(**asdict(point))).to_json()
         except FakeQuantError as exc:
             reason = f"libllama refused the rule: {exc}"
-    return record | {"skipped": reason}
+    return SkippedPoint(PointId(**asdict(point)), reason).to_json()
 
 
 class PointStore:
@@ -365,8 +364,8 @@ class ModelFacts:
                    tuple(session.ctx.fake_quant_targets()), dict(session.key), dict(session.build.fingerprint),
                    {"name": session.corpus.name, "sha256": session.corpus.sha256}, dict(session.backend))
 
-    _tag = staticmethod(ModelSession._tag)
-    entry_name = ModelSession.entry_name  # the same store directory as the session's
+    def entry_name(self, key: dict, part: str = "") -> str:
+        return entry_name(self.name, key, part)  # the same store directory as the session's
 
 
 class ModelAtlas:
@@ -414,12 +413,12 @@ class ModelAtlas:
     def run(self, points: Sequence[Point]) -> tuple[list[dict], int]:
         """Every point's record and how many were measured now (harness.atlas.run_points)."""
         if not all(self.store.has(p) for p in points):
-            self.session.baseline_dir  # made (or found) before the clock of the ETA starts
+            self.session.baseline  # made (or found) before the clock of the ETA starts
         return run_points(points, self.store, self.measure, f"{self.facts.name} atlas")
 
     def measure_set(self, rules: Sequence[FakeQuantRule]) -> dict:
         """Several rules measured as one run (the advised set); not stored."""
-        return measure_rules(self.session, rules, self.max_chunks)
+        return measure_rules(self.session, rules, self.max_chunks).to_json()
 
     def compute_seconds(self) -> float:
         """Seconds inside llama_decode so far, for a run's timing."""
@@ -497,7 +496,7 @@ def provenance(facts: ModelFacts) -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "build": facts.build, "backend": facts.backend,
             "corpus": dict(facts.corpus),
             "n_ctx": matrix.N_CTX, "scored_from": matrix.SCORED_FROM,
-            "tokens_per_chunk": matrix.N_CTX - 1 - matrix.SCORED_FROM,
+            "tokens_per_chunk": matrix.TOKENS_PER_CHUNK,
             "rule": {"rel_half_width": REL_HALF_WIDTH, "resamples": RESAMPLES, "confidence": CONFIDENCE,
                      "seed": SEED, "q8_0_block": Q8_0_BLOCK, "reference": list(REFERENCE),
                      "row_multiples": {f.name: f.row_multiple for f in TABLE.values() if (f.row_multiple or 0) > 1}}}

@@ -158,7 +158,7 @@ def point_task(spec: ModelSpec, point: Point, ne0: int, max_chunks: int) -> dict
 
 def rules_task(spec: ModelSpec, rules: list[FakeQuantRule], max_chunks: int) -> dict:
     with _plugin().session_for(spec) as session:
-        return measure_rules(session, rules, max_chunks)
+        return measure_rules(session, rules, max_chunks).to_json()
 
 
 class ClusterAtlas(ModelAtlas):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.atlas import has_kld, layer_spec
+from harness.atlas import layer_spec
 from harness.cache import HarnessError
+from harness.records import MeasuredPoint, NonFinitePoint, PointRecord, SkippedPoint, point_from_json
 from harness.report import _pyplot, _save, _yerr, backend_text, duration, num, pct, ratio, table, with_ci
 
 TOP_PAIRS = 10
@@ -37,7 +38,7 @@ def load_atlas(path: Path) -> dict:
 
 
 class View:
-    """Look-ups over one model's part of atlas.json."""
+    """Look-ups over one model's part of atlas.json, its points read as typed records (harness.records)."""
 
     def __init__(self, model: dict, reference: Sequence[str]) -> None:
         self.m = model
@@ -46,59 +47,60 @@ class View:
         self.n_layer: int = model["n_layer"]
         self.layered = [p["name"] for p in model["positions"] if p["layered"]]
         self.names = [p["name"] for p in model["positions"]]
-        self.points = {(r["point"]["position"], r["point"]["fmt"], r["point"]["layer"]): r for r in model["points"]}
+        self.records: list[PointRecord] = [point_from_json(r, f"{self.label}'s point") for r in model["points"]]
+        self.points = {(r.point.position, r.point.fmt, r.point.layer): r for r in self.records}
 
-    def get(self, position: str, fmt: str, layer: int | None = None) -> dict | None:
+    def get(self, position: str, fmt: str, layer: int | None = None) -> MeasuredPoint | None:
         """A point measured to a KLD (None when absent, skipped or with non-finite logits)."""
         r = self.points.get((position, fmt, layer))
-        return r if r is not None and has_kld(r) else None
+        return r if isinstance(r, MeasuredPoint) else None
 
-    def skipped(self) -> list[dict]:
-        return [r for r in self.m["points"] if "skipped" in r]
+    def skipped(self) -> list[SkippedPoint]:
+        return [r for r in self.records if isinstance(r, SkippedPoint)]
 
-    def non_finite(self, fmt: str | None = None) -> list[dict]:
+    def non_finite(self, fmt: str | None = None) -> list[NonFinitePoint]:
         """Points whose logits came out non-finite (the format's range was exceeded)."""
-        return [r for r in self.m["points"] if "non_finite" in r and fmt in (None, r["point"]["fmt"])]
+        return [r for r in self.records if isinstance(r, NonFinitePoint) and fmt in (None, r.point.fmt)]
 
-    def singles(self, fmt: str) -> list[dict]:
-        return [r for r in self.m["points"] if has_kld(r) and r["point"]["fmt"] == fmt
-                and r["point"]["layer"] is not None]
+    def singles(self, fmt: str) -> list[MeasuredPoint]:
+        return [r for r in self.records if isinstance(r, MeasuredPoint) and r.point.fmt == fmt
+                and r.point.layer is not None]
 
-    def reference(self) -> dict | None:
+    def reference(self) -> MeasuredPoint | None:
         return self.get(self.ref_position, self.ref_fmt)
 
     def formats(self) -> list[str]:
-        return list(dict.fromkeys(r["point"]["fmt"] for r in self.m["points"]))
+        return list(dict.fromkeys(r.point.fmt for r in self.records))
 
     def single_formats(self) -> list[str]:
         """The formats with single-layer points (measured, skipped or non-finite)."""
-        return list(dict.fromkeys(r["point"]["fmt"] for r in self.m["points"] if r["point"]["layer"] is not None))
+        return list(dict.fromkeys(r.point.fmt for r in self.records if r.point.layer is not None))
 
-    def versus_reference(self, r: dict | None) -> str:
+    def versus_reference(self, r: PointRecord | None) -> str:
         """A point against the reference: "clearly below" (its upper bound under the reference's lower
         bound), "below by the mean", "above", "non-finite", "skipped", "reference" or "–" (not in this atlas)."""
         ref = self.reference()
         if r is None:
             return "–"
-        if "skipped" in r:
+        if isinstance(r, SkippedPoint):
             return "skipped"
-        if "non_finite" in r:
+        if isinstance(r, NonFinitePoint):
             return "non-finite"
         if ref is None:
             return "no reference"
         if r is ref:
             return "reference"
-        if r["kld_ci"][2] < ref["kld_ci"][1]:
+        if r.kld_ci.hi < ref.kld_ci.lo:
             return "clearly below"
-        return "below by the mean" if r["kld_ci"][0] < ref["kld_ci"][0] else "above"
+        return "below by the mean" if r.kld_ci.estimate < ref.kld_ci.estimate else "above"
 
 
-def kld(r: dict | None) -> float | None:
-    return None if r is None else r["kld_ci"][0]
+def kld(r: MeasuredPoint | None) -> float | None:
+    return None if r is None else r.kld_ci.estimate
 
 
-def ci_text(r: dict | None) -> str:
-    return "–" if r is None else with_ci(r["kld_ci"][0], r["kld_ci"])
+def ci_text(r: MeasuredPoint | None) -> str:
+    return "–" if r is None else with_ci(r.kld_ci.estimate, r.kld_ci.to_json())
 
 
 def image_name(label: str, kind: str) -> str:
@@ -112,8 +114,8 @@ def image_name(label: str, kind: str) -> str:
 def shared_limits(views: Sequence[View]) -> tuple[float, float] | None:
     """Colour limits for every heatmap: the smallest and largest positive single-layer KLD of any
     model and format, so colours compare across models and formats."""
-    values = [r["kld_ci"][0] for v in views for fmt in v.single_formats() for r in v.singles(fmt)
-              if r["kld_ci"][0] > 0]
+    values = [r.kld_ci.estimate for v in views for fmt in v.single_formats() for r in v.singles(fmt)
+              if r.kld_ci.estimate > 0]
     return (min(values), max(values)) if values else None
 
 
@@ -130,8 +132,8 @@ def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> 
             value = kld(v.get(p, fmt, il))
             if value is not None:
                 grid[i, il] = value if value > 0 else limits[0] / 10  # drawn in the "under" colour
-    overflowed = [(i, r["point"]["layer"]) for i, p in enumerate(rows) for r in v.non_finite(fmt)
-                  if r["point"]["position"] == p and r["point"]["layer"] is not None]
+    overflowed = [(i, r.point.layer) for i, p in enumerate(rows) for r in v.non_finite(fmt)
+                  if r.point.position == p and r.point.layer is not None]
     for i, il in overflowed:
         grid[i, il] = limits[1] * 10  # drawn in the "over" colour
     cmap = plt.get_cmap("viridis").with_extremes(bad="white", under="lightgrey", over="black")
@@ -171,16 +173,16 @@ def plot_ranking(v: View, path: Path) -> str | None:
     fmts = v.formats()
     for j, fmt in enumerate(fmts):
         pts = [(i, v.get(p, fmt)) for i, p in enumerate(order) if v.get(p, fmt)]
-        dropped += [f"{order[i]} {fmt}" for i, r in pts if r["kld_ci"][0] <= 0]
-        pts = [(i, r) for i, r in pts if r["kld_ci"][0] > 0]
+        dropped += [f"{order[i]} {fmt}" for i, r in pts if r.kld_ci.estimate <= 0]
+        pts = [(i, r) for i, r in pts if r.kld_ci.estimate > 0]
         if pts:
-            cis = [r["kld_ci"] for _, r in pts]
+            cis = [r.kld_ci.to_json() for _, r in pts]
             offset = (j - (len(fmts) - 1) / 2) * min(0.2, 0.8 / len(fmts))
             ax.errorbar([i + offset for i, _ in pts], [c[0] for c in cis], yerr=_yerr(cis), ls="",
                         marker=MARKERS[j % len(MARKERS)], ms=4, capsize=2, label=f"{fmt}, every layer")
     ref = v.reference()
     if ref is not None:
-        c = ref["kld_ci"]
+        c = ref.kld_ci.to_json()
         ax.axhline(c[0], color="tab:red", lw=1, ls="--",
                    label=f"reference: {v.ref_position} {v.ref_fmt}, every layer: {c[0]:.2g}")
         ax.axhspan(c[1], c[2], color="tab:red", alpha=0.12)
@@ -188,8 +190,8 @@ def plot_ranking(v: View, path: Path) -> str | None:
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean KLD vs baseline (95 % CI)")
     title = f"{v.label}: positions ranked by all-layers bf16 KLD"
-    dropped += [f"{r['point']['position']} {r['point']['fmt']} (non-finite)" for r in v.non_finite()
-                if r["point"]["layer"] is None and r["point"]["position"] in order]
+    dropped += [f"{r.point.position} {r.point.fmt} (non-finite)" for r in v.non_finite()
+                if r.point.layer is None and r.point.position in order]
     if dropped:
         title += f"\n(not drawn, KLD ≤ 0 or non-finite: {', '.join(dropped)})"
     ax.set_title(title, fontsize=10)
@@ -248,13 +250,13 @@ def section_non_finite(v: View) -> list[str]:
     rows = []
     for fmt in v.formats():
         for p in v.names:
-            hits = [r for r in v.non_finite(fmt) if r["point"]["position"] == p]
-            layers = sorted(r["point"]["layer"] for r in hits if r["point"]["layer"] is not None)
+            hits = [r for r in v.non_finite(fmt) if r.point.position == p]
+            layers = sorted(r.point.layer for r in hits if r.point.layer is not None)
             if hits:
                 rows.append([fmt, f"`{p}`", layer_spec(layers) if layers else "–",
-                             "yes" if any(r["point"]["layer"] is None for r in hits) else
-                             "no" if v.get(p, fmt) else "–", f"{hits[0]['non_finite']['rows']} of "
-                             f"{hits[0]['non_finite']['of']}"])
+                             "yes" if any(r.point.layer is None for r in hits) else
+                             "no" if v.get(p, fmt) else "–", f"{hits[0].non_finite.rows} of "
+                             f"{hits[0].non_finite.of}"])
     return lines + table(["format", "position", "single layers with non-finite logits", "every layer at once too?",
                           "rows non-finite (first point)"], rows)
 
@@ -268,18 +270,18 @@ def section_below(v: View, fmt: str) -> list[str]:
     rows, clearly, by_means = [], [], []
     for p in v.layered:
         measured = {il: v.get(p, fmt, il) for il in range(v.n_layer) if v.get(p, fmt, il)}
-        overflowed = sorted(r["point"]["layer"] for r in v.non_finite(fmt)
-                            if r["point"]["position"] == p and r["point"]["layer"] is not None)
+        overflowed = sorted(r.point.layer for r in v.non_finite(fmt)
+                            if r.point.position == p and r.point.layer is not None)
         if not measured:
             continue
-        worst_layer = max(measured, key=lambda il: measured[il]["kld_ci"][0])
+        worst_layer = max(measured, key=lambda il: measured[il].kld_ci.estimate)
         complete = len(measured) + len(overflowed) == v.n_layer
-        above = [il for il, r in measured.items() if r["kld_ci"][0] >= ref["kld_ci"][0]]
+        above = [il for il, r in measured.items() if r.kld_ci.estimate >= ref.kld_ci.estimate]
         if overflowed:
             verdict = f"no: non-finite logits at layers {layer_spec(overflowed)}"
         elif above:
             verdict = f"no: mean at or above it at layers {', '.join(map(str, above))}"
-        elif all(r["kld_ci"][2] < ref["kld_ci"][1] for r in measured.values()):
+        elif all(r.kld_ci.hi < ref.kld_ci.lo for r in measured.values()):
             verdict = "yes, clearly"
             if complete:
                 clearly.append(p)
@@ -304,10 +306,10 @@ def section_sensitive(v: View) -> list[str]:
     lines = [f"### The most sensitive (position, layer) pairs (top {TOP_PAIRS} per format)", ""]
     rows = []
     for fmt in v.single_formats():
-        top = sorted(v.singles(fmt), key=lambda r: -r["kld_ci"][0])[:TOP_PAIRS]
-        rows += [[str(rank), fmt, f"`{r['point']['position']}`", str(r["point"]["layer"]), ci_text(r),
-                  pct(r["tokens"]["top1_agreement"], ".4g"), ratio(r["tokens"]["ppl_ratio"]),
-                  f"{r['chunks']} ({r['stop']})"] for rank, r in enumerate(top, 1)]
+        top = sorted(v.singles(fmt), key=lambda r: -r.kld_ci.estimate)[:TOP_PAIRS]
+        rows += [[str(rank), fmt, f"`{r.point.position}`", str(r.point.layer), ci_text(r),
+                  pct(r.tokens.top1_agreement, ".4g"), ratio(r.tokens.ppl_ratio),
+                  f"{r.chunks} ({r.stop})"] for rank, r in enumerate(top, 1)]
     if not rows:
         return lines + ["Skipped: no single-layer points measured.", ""]
     return lines + table(["rank", "format", "position", "layer", "KLD [95 % CI]", "top-1 agreement", "PPL ratio",
@@ -334,7 +336,7 @@ def section_all_layers(v: View) -> list[str]:
         for p in order:
             r = v.points.get((p, fmt, None))
             mark = marks[v.versus_reference(r)]
-            cells.append(f"{num(r['kld_ci'][0])} {mark}" if r is not None and has_kld(r) else mark)
+            cells.append(f"{num(r.kld_ci.estimate)} {mark}" if isinstance(r, MeasuredPoint) else mark)
         rows.append([fmt, *cells])
     lines += table(["format", *[f"`{p}`" for p in order]], rows)
     detail = []
@@ -344,12 +346,12 @@ def section_all_layers(v: View) -> list[str]:
             r = v.points.get((p, fmt, None))
             if r is None:
                 continue
-            if not has_kld(r):
-                what = f"skipped ({r['skipped']})" if "skipped" in r else "**non-finite logits**"
+            if not isinstance(r, MeasuredPoint):
+                what = f"skipped ({r.skipped})" if isinstance(r, SkippedPoint) else "**non-finite logits**"
                 detail.append([f"`{p}`", str(ne0), fmt, what, "–", "–", "–"])
                 continue
-            detail.append([f"`{p}`", str(ne0), fmt, ci_text(r), f"{r['chunks']} ({r['stop']})",
-                           pct(r["tokens"]["top1_agreement"], ".4g"), ratio(r["tokens"]["ppl_ratio"])])
+            detail.append([f"`{p}`", str(ne0), fmt, ci_text(r), f"{r.chunks} ({r.stop})",
+                           pct(r.tokens.top1_agreement, ".4g"), ratio(r.tokens.ppl_ratio)])
     lines += ["<details><summary>Every all-layers point with its interval</summary>", ""]
     lines += table(["position", "ne0", "format", "KLD [95 % CI]", "chunks (stop)", "top-1", "PPL ratio"], detail)
     return lines + ["</details>", ""]
@@ -384,8 +386,8 @@ def section_additivity(v: View) -> list[str]:
 def section_model(v: View, skipped_plots: dict[str, str | None]) -> list[str]:
     m, t = v.m, v.m["timing"]
     stops: dict[str, int] = {}
-    for r in m["points"]:
-        key = "skipped" if "skipped" in r else r["stop"]
+    for r in v.records:
+        key = "skipped" if isinstance(r, SkippedPoint) else r.stop
         stops[key] = stops.get(key, 0) + 1
     share = pct(t["points_compute_share"]) if t["points_compute_share"] is not None else "–"
     lines = [f"## {v.label} ({m['weight_type']} weights, {m['arch']}, {v.n_layer} layers)", "",
@@ -397,9 +399,9 @@ def section_model(v: View, skipped_plots: dict[str, str | None]) -> list[str]:
              f"llama_decode; this run took {duration(t['run_wall_s'])} ({duration(t['run_compute_s'])} in "
              "llama_decode)."]
     for r in v.skipped():
-        pt = r["point"]
-        lines.append(f"- Skipped: `{pt['position']}` {pt['fmt']} "
-                     f"{'every layer' if pt['layer'] is None else 'layer ' + str(pt['layer'])}: {r['skipped']}")
+        pt = r.point
+        lines.append(f"- Skipped: `{pt.position}` {pt.fmt} "
+                     f"{'every layer' if pt.layer is None else 'layer ' + str(pt.layer)}: {r.skipped}")
     lines.append("")
     lines += section_non_finite(v)
     for fmt in v.single_formats():
@@ -444,8 +446,8 @@ def section_between(views: Sequence[View]) -> list[str]:
                  if a.get(p, "bf16", il) and b.get(p, "bf16", il)]
         rho_sites = spearman([kld(a.get(p, "bf16", il)) for p, il in pairs],
                              [kld(b.get(p, "bf16", il)) for p, il in pairs])
-        top_a = max(a.singles("bf16"), key=lambda r: r["kld_ci"][0], default=None)
-        top_b = max(b.singles("bf16"), key=lambda r: r["kld_ci"][0], default=None)
+        top_a = max(a.singles("bf16"), key=lambda r: r.kld_ci.estimate, default=None)
+        top_b = max(b.singles("bf16"), key=lambda r: r.kld_ci.estimate, default=None)
         lines += [f"- All-layers bf16 KLD, {a.label} / {b.label}, over {len(common)} common positions: median "
                   f"{num(float(np.median(list(ratios.values()))))}, from {num(ratios[lo])} (`{lo}`) to "
                   f"{num(ratios[hi])} (`{hi}`).",
@@ -453,7 +455,7 @@ def section_between(views: Sequence[View]) -> list[str]:
                   f"single (position, layer) bf16 KLDs both measured ({len(pairs)}): {num(rho_sites, '.2f')}.",
                   f"- Most harmful position at every layer (bf16): {a.label} `{ranked(a)[0]}`, {b.label} "
                   f"`{ranked(b)[0]}`; most harmful single site: "
-                  + "; ".join(f"{v.label} `{r['point']['position']}` layer {r['point']['layer']} ({num(kld(r))})"
+                  + "; ".join(f"{v.label} `{r.point.position}` layer {r.point.layer} ({num(kld(r))})"
                               for v, r in ((a, top_a), (b, top_b)) if r) + ".",
                   f"- Logits-bf16 reference: {a.label} {ci_text(a.reference())}, {b.label} {ci_text(b.reference())}.",
                   ""]

@@ -23,6 +23,7 @@ MODELS_ENV = "FQ_EXPERIMENT_MODELS"  # e.g. "user" (with FQ_MODEL=path) or "smol
 N_CTX = 512          # tokens per chunk, cut as llama-perplexity cuts them
 SCORED_FROM = 64     # positions 64..510 of each chunk predict the next token and are scored
 #                      (llama-perplexity scores 256..510 only: the cross-check uses that subset)
+TOKENS_PER_CHUNK = N_CTX - 1 - SCORED_FROM  # 447 scored tokens per chunk
 MAIN_CHUNKS = 9      # 9 x 447 = 4023 scored tokens for the design's groups
 SWEEP_CHUNKS = 2     # 894 scored tokens (the first 2 chunks) per point of the layer and scale sweeps
 GENERATION_TOKENS = 50

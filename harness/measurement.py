@@ -10,7 +10,9 @@ change to that code fails the test until someone decides, in the same commit, ei
   confirmation with the new version, or
 - they do not: add a confirmation with the same version and a note saying which re-measured sample
   came out identical (command and count).
-`python -m harness measurement` prints the current fingerprints and a confirmation line to paste.
+`python -m harness measurement` prints the current fingerprints and a confirmation line to paste;
+`python -m harness measurement verify [--model M] [--sample N]` (harness.verify) re-measures a sample
+of cached groups and atlas points in memory and compares them with the cache, bit for bit.
 """
 
 from __future__ import annotations
@@ -78,6 +80,24 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "--layers none plans every layer at once only; other plans are unchanged (tests/unit/test_atlas.py)"),
     Confirmation("results", 1, "aad9a9864a5babab",
                  "driver.Model drops an unused attribute (n_gpu_layers); nothing reads it"),
+    Confirmation("results", 1, "a141058bbbef6587",
+                 "typed records (harness.records: runner builds a GroupRecord, summarize a TokenSummary) and the "
+                 "METRICS table: `python -m harness measurement verify --sample 5` re-measured smollm2-f32's groups "
+                 "all, layer00, layer10, layer21, scale050 in memory: records and arrays.npz bit-identical to the "
+                 "cache (5 of 5, timing aside); the whole cache (1,837 records) reads and writes back identical"),
+    Confirmation("atlas", 1, "fcc239a57febcad8",
+                 "atlas points built as MeasuredPoint/NonFinitePoint/SkippedPoint and written by to_json: the same "
+                 "verify run re-measured 5 points of smollm2-f32 (max chunks 1: attn_norm.bf16.L000, "
+                 "attn_norm.int8.all, ffn_norm.bf16.L000, ffn_norm.int8.all, result_output.bf16.all): 5 of 5 "
+                 "identical, timing aside"),
+    Confirmation("results", 1, "672e97a376a77a24",
+                 "ModelSession split: Contexts (its three contexts), BaselineFiles (a baseline's file names, the same "
+                 "names), tag/entry_name (the same cache names); matrix.TOKENS_PER_CHUNK: `python -m harness "
+                 "measurement verify --sample 5` on smollm2-f32: groups all, layer00, layer10, layer21, scale050 "
+                 "bit-identical to the cache (5 of 5, records and arrays, timing aside)"),
+    Confirmation("atlas", 1, "0a1c943ddaedcb70",
+                 "measure_rules reads the baseline through BaselineFiles, ModelFacts names its store by "
+                 "runner.entry_name: the same verify run, 5 points of smollm2-f32 (max chunks 1) identical"),
 )
 
 

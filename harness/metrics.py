@@ -11,12 +11,14 @@ harness.intervals' job.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from harness.records import TokenSummary
 
 BLOCK_ROWS = 2
 """Logit rows converted to float64 at a time. Fewer rows stay in cache: on 447 rows, one thread,
@@ -159,30 +161,56 @@ def token_stats(
         return TokenStats.concat([part for parts in pool.map(span, spans) for part in parts])
 
 
-def summarize(stats: TokenStats) -> dict[str, float]:
+def summarize(stats: TokenStats) -> TokenSummary:
     """Aggregate statistics in the style of ``llama-perplexity --kl-divergence``."""
     n = len(stats)
     if n == 0:
         raise ValueError("cannot summarize zero tokens")
     p999, p99, p95, p90, p50 = np.percentile(stats.kld, [99.9, 99, 95, 90, 50], method="linear")
     ln_ratio = float(np.mean(stats.nll_test - stats.nll_base))
-    return {
-        "n_tokens": n,
-        "kld_mean": float(np.mean(stats.kld)),
-        "kld_max": float(np.max(stats.kld)),
-        "kld_p99_9": float(p999),
-        "kld_p99": float(p99),
-        "kld_p95": float(p95),
-        "kld_p90": float(p90),
-        "kld_median": float(p50),
-        "top1_agreement": float(np.mean(stats.top1)),
-        "ppl_base": math.exp(float(np.mean(stats.nll_base))),
-        "ppl_test": math.exp(float(np.mean(stats.nll_test))),
-        "ln_ppl_ratio": ln_ratio,
-        "ppl_ratio": math.exp(ln_ratio),
-        "dp_mean": float(np.mean(stats.dp)),
-        "dp_rms": math.sqrt(float(np.mean(np.square(stats.dp)))),
-    }
+    return TokenSummary(
+        n_tokens=n,
+        kld_mean=float(np.mean(stats.kld)),
+        kld_max=float(np.max(stats.kld)),
+        kld_p99_9=float(p999),
+        kld_p99=float(p99),
+        kld_p95=float(p95),
+        kld_p90=float(p90),
+        kld_median=float(p50),
+        top1_agreement=float(np.mean(stats.top1)),
+        ppl_base=math.exp(float(np.mean(stats.nll_base))),
+        ppl_test=math.exp(float(np.mean(stats.nll_test))),
+        ln_ppl_ratio=ln_ratio,
+        ppl_ratio=math.exp(ln_ratio),
+        dp_mean=float(np.mean(stats.dp)),
+        dp_rms=math.sqrt(float(np.mean(np.square(stats.dp)))),
+    )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A token metric with an interval: where its estimate and interval sit in a TokenSummary, the
+    per-token series its interval is drawn from, and how the report shows it."""
+
+    estimate: str                # TokenSummary field shown as the estimate
+    interval: str                # TokenSummary field of the interval (results.json), and its block's name
+    block: str
+    per_token: Callable[[Mapping[str, np.ndarray]], np.ndarray]  # from a group's per-token arrays
+    header: str                  # the report's column header
+    spec: str = ".3g"            # display format
+    percent: bool = False
+    log_interval: bool = False   # the interval is of the log: the report shows exp of its bounds
+
+
+# the metrics summarize's intervals are computed for (harness.verdicts.with_intervals, in this order:
+# each one's bootstrap seed is its index) and the report's matrix table shows
+METRICS = (
+    Metric("kld_mean", "kld_ci", "kld", lambda a: a["kld"], "KLD mean [95 % CI]"),
+    Metric("top1_agreement", "top1_ci", "top1", lambda a: a["top1"].astype(np.float64), "top-1 agreement [95 % CI]",
+           ".4g", percent=True),
+    Metric("ppl_ratio", "ln_ppl_ratio_ci", "ln_ppl_ratio", lambda a: a["nll_test"] - a["nll_base"],
+           "PPL ratio [95 % CI]", ".4f", log_interval=True),  # ratios sit close to 1: four decimals show the change
+)
 
 
 def generation_match(base_tokens: Sequence[int], test_tokens: Sequence[int]) -> dict[str, Any]:

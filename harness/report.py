@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.cache import HarnessError
+from harness.metrics import METRICS, Metric
+from harness.records import TokenSummary
 from harness.verdicts import weight_format
 
 REQUIRED_KEYS = ("provenance", "models", "groups")
@@ -56,6 +58,14 @@ def with_ci(estimate: Any, ci: list, spec: str = ".3g", scale: Callable[[float],
     """"estimate [lo, hi]" with the CI bounds ci[1], ci[2] of an [est, lo, hi] triple."""
     f = (lambda v: pct(scale(v), spec)) if percent else (lambda v: num(scale(v), spec))
     return f"{f(estimate)} [{f(ci[1])}, {f(ci[2])}]"
+
+
+def metric_text(metric: Metric, t: TokenSummary) -> str:
+    """"estimate [lo, hi]" of a metric of harness.metrics.METRICS, in its display format."""
+    ci = getattr(t, metric.interval)
+    scale = math.exp if metric.log_interval else (lambda v: v)
+    show = (lambda v: pct(v, metric.spec)) if metric.percent else (lambda v: num(v, metric.spec))
+    return f"{show(getattr(t, metric.estimate))} [{show(scale(ci.lo))}, {show(scale(ci.hi))}]"
 
 
 def ratio(x: float) -> str:
@@ -472,23 +482,21 @@ def section_matrix(res: Results) -> list[str]:
              "Groups of kind design and control, per model; the first six columns are read from each group's "
              "fake-quantization rules, the rest are measured (95 % CI in brackets). Greedy match: mean over the "
              "greedy prompts of the fraction of generated tokens equal to the baseline's.", ""]
-    header = ["group", "kind", "ffn_norm fq", "logits fq", "layers", "type", "fq sites", "KLD mean [95 % CI]",
-              "KLD p99", "top-1 agreement [95 % CI]", "PPL ratio [95 % CI]", "Δp RMS", "greedy match"]
+    kld, top1, ppl = METRICS
+    header = ["group", "kind", "ffn_norm fq", "logits fq", "layers", "type", "fq sites", kld.header,
+              "KLD p99", top1.header, ppl.header, "Δp RMS", "greedy match"]
     for model in res.model_names:
         groups = res.of_model(model, TABLE_KINDS)
         if not groups:
             continue
         rows = []
         for g in groups:
-            t = g["tokens"]
+            t = TokenSummary.from_json(g["tokens"])
             cols = rule_columns(g.get("rules") or [])
             rows.append([f"`{g['group']}`", g["kind"], cols["ffn_norm fq"], cols["logits fq"], cols["layers"],
                          cols["type"], str(g.get("fake_quant_sites", "–")),
-                         with_ci(t["kld_mean"], t["kld_ci"]), num(t["kld_p99"]),
-                         with_ci(t["top1_agreement"], t["top1_ci"], ".4g", percent=True),
-                         f"{ratio(t['ppl_ratio'])} [{ratio(math.exp(t['ln_ppl_ratio_ci'][1]))}, "
-                         f"{ratio(math.exp(t['ln_ppl_ratio_ci'][2]))}]",
-                         num(t["dp_rms"]), pct(greedy_match(g))])
+                         metric_text(kld, t), num(t.kld_p99), metric_text(top1, t), metric_text(ppl, t),
+                         num(t.dp_rms), pct(greedy_match(g))])
         lines += [f"### {model}", ""] + table(header, rows)
     return lines
 

@@ -28,6 +28,7 @@ from harness.measurement import RESULTS_VERSION
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
 from harness.models import GGUFInfo, ModelFile, get_model, model_info
 from harness.numerics import layer_numerics
+from harness.records import AnswerLogprob, Continuation, GroupRecord, Tasks, Timing
 from harness.reference import Capture
 
 NUMERICS_TOKENS = 128  # positions of chunk 0 whose per-layer tensors are compared
@@ -54,6 +55,86 @@ def make_tasks(model: Model, corpus: Corpus) -> list[Task]:
     return made
 
 
+def tag(key: dict) -> str:
+    """16 hex digits of the sha256 of a cache key."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def entry_name(name: str, key: dict, part: str = "") -> str:
+    """A cache entry's directory name: the model's label, `part`, and the tag of `key`. The label
+    (matrix.model_label: a file's stem for a model given as a path) keeps the entry in the cache,
+    where a path would place it beside the model file; two files of one name differ in their
+    sha256, which is in every key."""
+    return "-".join(x for x in (matrix.model_label(name), part, tag(key)) if x)
+
+
+class BaselineFiles:
+    """The files of a baseline entry, named here only: logits of each chunk's scored positions
+    (`chunkNN.npy`) and of each task prompt (`taskNNN.npy`), the generated continuations and the
+    numerics' captured tensors."""
+
+    GENERATION = "generation.json"
+    NUMERICS = "numerics.npz"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def chunk_path(self, i: int) -> Path:
+        return self.directory / f"chunk{i:02d}.npy"
+
+    def task_path(self, i: int) -> Path:
+        return self.directory / f"task{i:03d}.npy"
+
+    def chunk(self, i: int) -> np.ndarray:
+        return np.load(self.chunk_path(i), mmap_mode="r")
+
+    def task(self, i: int) -> np.ndarray:
+        return np.load(self.task_path(i), mmap_mode="r")
+
+    def generation(self) -> dict[str, list[int]]:
+        """Generation id -> the baseline's token ids."""
+        return json.loads((self.directory / self.GENERATION).read_text())
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        with np.load(self.directory / self.NUMERICS) as data:
+            return {name: data[name] for name in data.files}
+
+    def write_generation(self, generation: dict[str, list[int]]) -> None:
+        (self.directory / self.GENERATION).write_text(json.dumps(generation))
+
+    def write_tensors(self, tensors: dict[str, np.ndarray]) -> None:
+        np.savez(self.directory / self.NUMERICS, **tensors)
+
+
+class Contexts:
+    """A model's three contexts: scoring (the corpus chunks and task prompts), capture (the numerics'
+    tensors through a hook) and generation (every continuation in one batch, each in its own KV
+    stream: Context.generate_many)."""
+
+    def __init__(self, model: Model, longest_prompt: int, sequences: int) -> None:
+        self.scoring: Context = model.context(matrix.N_CTX)
+        self.capture = Capture(r"(ffn_out|l_out)-\d+|ffn_norm-\d+(\.fq)?")
+        self.capturing: Context = model.context(NUMERICS_TOKENS, tensor_hook=self.capture)
+        self.generation: Context = model.context(longest_prompt + matrix.GENERATION_TOKENS, sequences=sequences)
+
+    def all(self) -> tuple[Context, ...]:
+        return self.scoring, self.capturing, self.generation
+
+    def set_fake_quant(self, rules: list) -> None:
+        """The rules on the contexts a group measures with (the capture's are set per capture)."""
+        self.scoring.set_fake_quant(rules)
+        self.generation.set_fake_quant(rules)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Wall time spent inside llama_decode by these contexts."""
+        return sum(c.compute_seconds for c in self.all())
+
+    def close(self) -> None:
+        for c in self.all():
+            c.close()
+
+
 class ModelSession:
     """One model in this process: its contexts, inputs and on-disk baseline; `run` measures
     (or loads) one group. With a GPU build, `gpu_layers` layers run on its device (the contexts
@@ -72,14 +153,14 @@ class ModelSession:
         if expected is not None and expected != self.model.n_layer:
             raise ValueError(f"{name}: the matrix expects {expected} layers, the model has {self.model.n_layer}")
         self.corpus = corpus or load_corpus()
-        self.ctx: Context = self.model.context(matrix.N_CTX)
-        self.capture = Capture(r"(ffn_out|l_out)-\d+|ffn_norm-\d+(\.fq)?")
-        self.capture_ctx: Context = self.model.context(NUMERICS_TOKENS, tensor_hook=self.capture)
-        # every continuation in one batch, each in its own KV stream (Context.generate_many)
         longest = max(len(self.model.tokenize(text)) for _, _, text in (*GENERATION_PROMPTS, SEEDED_PROMPT))
-        self.generation_ctx: Context = self.model.context(longest + matrix.GENERATION_TOKENS,
-                                                          sequences=len(GENERATION_PROMPTS) + 1)
+        self.contexts = Contexts(self.model, longest, sequences=len(GENERATION_PROMPTS) + 1)
         self.groups = {g.id: g for g in matrix.groups(self.model.n_layer)}
+
+    @property
+    def ctx(self) -> Context:
+        """The scoring context (the atlas and the cross-check score with it too)."""
+        return self.contexts.scoring
 
     @cached_property
     def key(self) -> dict[str, str]:
@@ -99,36 +180,29 @@ class ModelSession:
     def tasks(self) -> list[Task]:
         return make_tasks(self.model, self.corpus)
 
-    @staticmethod
-    def _tag(key: dict) -> str:
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
     def entry_name(self, key: dict, part: str = "") -> str:
-        """A cache entry's directory name: the model's label, `part`, and the tag of `key`. The
-        label (matrix.model_label: a file's stem for a model given as a path) keeps the entry in
-        the cache, where a path would place it beside the model file; two files of one name differ
-        in their sha256, which is in every key."""
-        return "-".join(x for x in (matrix.model_label(self.name), part, self._tag(key)) if x)
+        return entry_name(self.name, key, part)
 
     # baseline -------------------------------------------------------------------------------
 
     @cached_property
-    def baseline_dir(self) -> Path:
+    def baseline(self) -> BaselineFiles:
         """Logits of every scored position and task, the generated continuations and the
         numerics' per-layer tensors, with no fake quantization."""
         def make(tmp: Path) -> None:
-            self.ctx.set_fake_quant([])
+            self.contexts.set_fake_quant([])
+            files = BaselineFiles(tmp)
             for i, chunk in enumerate(self.chunks):
                 progress(f"{self.name}: baseline chunk {i + 1}/{len(self.chunks)}")
-                np.save(tmp / f"chunk{i:02d}.npy", self._scored_logits(chunk))
+                np.save(files.chunk_path(i), self._scored_logits(chunk))
             progress(f"{self.name}: baseline of {len(self.tasks)} task prompts")
             for i, task in enumerate(self.tasks):
-                np.save(tmp / f"task{i:03d}.npy", self._task_logits(task))
-            (tmp / "generation.json").write_text(json.dumps({g["id"]: g["tokens"] for g in self._generate()}))
-            np.savez(tmp / "numerics.npz", **self._capture([]))
+                np.save(files.task_path(i), self._task_logits(task))
+            files.write_generation({g["id"]: g["tokens"] for g in self._generate()})
+            files.write_tensors(self._capture([]))
             (tmp / KEY_FILE).write_text(json.dumps(self.key, indent=1))
 
-        return publish(cache_root() / "baselines" / self.entry_name(self.key), make)
+        return BaselineFiles(publish(cache_root() / "baselines" / self.entry_name(self.key), make))
 
     def _scored_logits(self, chunk: list[int], copy: bool = True) -> np.ndarray:
         """Logits of the scored positions SCORED_FROM..N_CTX-2 (each predicts the next token)."""
@@ -158,7 +232,7 @@ class ModelSession:
         def make(tmp: Path) -> None:
             record, arrays = self._measure(self.groups[group_id])
             np.savez(tmp / "arrays.npz", **arrays)
-            (tmp / "record.json").write_text(json.dumps(record, indent=1, ensure_ascii=False))
+            (tmp / "record.json").write_text(json.dumps(record.to_json(), indent=1, ensure_ascii=False))
             (tmp / KEY_FILE).write_text(json.dumps(self.result_key(group_id), indent=1))
 
         final = publish(self.result_dir(group_id), make)
@@ -166,12 +240,11 @@ class ModelSession:
             arrays = {k: data[k] for k in data.files}
         return json.loads((final / "record.json").read_text()), arrays
 
-    def _measure(self, group: matrix.Group) -> tuple[dict, dict[str, np.ndarray]]:
-        base_dir = self.baseline_dir  # before the clock starts: it is shared by every group
+    def _measure(self, group: matrix.Group) -> tuple[GroupRecord, dict[str, np.ndarray]]:
+        baseline = self.baseline  # before the clock starts: it is shared by every group
         started = time.perf_counter()
         compute_before = self.compute_seconds
-        self.ctx.set_fake_quant(list(group.rules))
-        self.generation_ctx.set_fake_quant(list(group.rules))
+        self.contexts.set_fake_quant(list(group.rules))
         try:
             sites = 0
             parts = []
@@ -179,84 +252,79 @@ class ModelSession:
                 progress(f"{self.name}: {group.id} chunk {i + 1}/{group.chunks}")
                 test = self._scored_logits(chunk, copy=False)  # consumed before the next decode
                 sites = self.ctx.fake_quant_sites
-                base = np.load(base_dir / f"chunk{i:02d}.npy", mmap_mode="r")
+                base = baseline.chunk(i)
                 parts.append(self.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))
             stats = TokenStats.concat(parts)
-            record = {
-                "group": group.id, "model": self.name, "kind": group.kind, "description": group.description,
-                "rules": [asdict(r) for r in group.rules], "layer": group.layer, "scale": group.scale,
-                "fake_quant_sites": sites, "tokens": summarize(stats),
-            }
             arrays = {name: getattr(stats, name) for name in TOKEN_ARRAYS}
+            tasks = generation = numerics = None
             if group.tasks:
-                record["tasks"], task_arrays = self._tasks(base_dir)
+                tasks, task_arrays = self._tasks(baseline)
                 arrays.update(task_arrays)
             if group.generation:
-                record["generation"] = self._generation(base_dir)
+                generation = self._generation(baseline)
             if group.numerics:
-                record["numerics"] = layer_numerics(self.baseline_tensors, self._capture(list(group.rules)),
-                                                    self.model.n_layer)
+                numerics = layer_numerics(self.baseline_tensors, self._capture(list(group.rules)), self.model.n_layer)
         finally:
-            self.ctx.set_fake_quant([])
-            self.generation_ctx.set_fake_quant([])
+            self.contexts.set_fake_quant([])
         wall = time.perf_counter() - started
         compute = self.compute_seconds - compute_before
-        record["timing"] = {"wall_s": round(wall, 3), "compute_s": round(compute, 3)}
+        record = GroupRecord(group.id, self.name, group.kind, group.description, tuple(group.rules), group.layer,
+                             group.scale, sites, summarize(stats), tasks, generation, numerics,
+                             Timing(round(wall, 3), round(compute, 3)))
         return record, arrays
 
-    def _tasks(self, base_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    def _tasks(self, baseline: BaselineFiles) -> tuple[Tasks, dict[str, np.ndarray]]:
         """Token statistics per kind of prompt, and per prompt its mean KLD and (arithmetic)
         the change of the answer's log-probability: the arrays H5 and the report's intervals use."""
         per_kind: dict[str, list[TokenStats]] = {"arithmetic": [], "text": []}
         for i, task in enumerate(self.tasks):
-            base = np.load(base_dir / f"task{i:03d}.npy", mmap_mode="r")
+            base = baseline.task(i)
             stats = self.token_stats(base, self._task_logits(task, copy=False), np.asarray(task.tokens[task.first:]))
             per_kind[task.kind].append(stats)
-        record: dict = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
         arrays = {f"task_kld_{kind}": np.array([s.kld.mean() for s in parts]) for kind, parts in per_kind.items()}
         base_lp = np.array([-s.nll_base.sum() for s in per_kind["arithmetic"]])
         test_lp = np.array([-s.nll_test.sum() for s in per_kind["arithmetic"]])
-        record["answer_logprob"] = {"base_mean": float(base_lp.mean()), "test_mean": float(test_lp.mean())}
         arrays["answer_logprob_delta"] = test_lp - base_lp
-        return record, arrays
+        summary = {kind: summarize(TokenStats.concat(parts)) for kind, parts in per_kind.items()}
+        return Tasks(summary["arithmetic"], summary["text"],
+                     AnswerLogprob(float(base_lp.mean()), float(test_lp.mean()))), arrays
 
     def _generate(self) -> list[dict]:
         """Greedy continuations of the fixed prompts and the design's seeded scenario."""
         cases = [(p, None) for p in GENERATION_PROMPTS] + [(SEEDED_PROMPT, matrix.SEED)]
-        continuations = self.generation_ctx.generate_many([self.model.tokenize(prompt) for (_, _, prompt), _ in cases],
-                                                          matrix.GENERATION_TOKENS, [seed for _, seed in cases])
+        prompts = [self.model.tokenize(prompt) for (_, _, prompt), _ in cases]
+        continuations = self.contexts.generation.generate_many(prompts, matrix.GENERATION_TOKENS,
+                                                               [seed for _, seed in cases])
         return [{"id": pid, "kind": kind, "sampling": "greedy" if seed is None else f"seed {seed}",
                  "prompt": prompt, "tokens": tokens, "text": self.model.detokenize(tokens)}
                 for ((pid, kind, prompt), seed), tokens in zip(cases, continuations, strict=True)]
 
-    def _generation(self, base_dir: Path) -> list[dict]:
+    def _generation(self, baseline: BaselineFiles) -> tuple[Continuation, ...]:
         """This group's continuations, each compared with the baseline's (recorded when the
         baseline was made, so the baseline group's own run is a real comparison too)."""
-        reference = json.loads((base_dir / "generation.json").read_text())
-        return [dict(g, **generation_match(reference[g["id"]], g["tokens"])) for g in self._generate()]
+        reference = baseline.generation()
+        return tuple(Continuation(**g, **generation_match(reference[g["id"]], g["tokens"])) for g in self._generate())
 
     @cached_property
     def baseline_tensors(self) -> dict[str, np.ndarray]:
         """ffn_out-N and l_out-N without fake quantization (the numerics' reference)."""
-        with np.load(self.baseline_dir / "numerics.npz") as data:
-            return {name: data[name] for name in data.files}
+        return self.baseline.tensors()
 
     def _capture(self, rules: list) -> dict[str, np.ndarray]:
-        self.capture.tensors.clear()
-        self.capture_ctx.set_fake_quant(rules)
+        capture, ctx = self.contexts.capture, self.contexts.capturing
+        capture.tensors.clear()
+        ctx.set_fake_quant(rules)
         try:
-            self.capture_ctx.logits(self.chunks[0][:NUMERICS_TOKENS])
+            ctx.logits(self.chunks[0][:NUMERICS_TOKENS])
         finally:
-            self.capture_ctx.set_fake_quant([])
-        return dict(self.capture.tensors)
+            ctx.set_fake_quant([])
+        return dict(capture.tensors)
 
     @property
     def compute_seconds(self) -> float:
         """Wall time spent inside llama_decode by this session's contexts."""
-        return sum(c.compute_seconds for c in (self.ctx, self.capture_ctx, self.generation_ctx))
+        return self.contexts.compute_seconds
 
     def close(self) -> None:
-        self.ctx.close()
-        self.capture_ctx.close()
-        self.generation_ctx.close()
+        self.contexts.close()
         self.model.close()

@@ -26,6 +26,7 @@ from filelock import FileLock
 from harness import intervals, matrix
 from harness.cache import cache_root, cpu_model
 from harness.corpus import CORPUS_ENV
+from harness.metrics import METRICS
 from harness.models import USER_MODEL_ENV
 
 RESULTS_ENV = "FQ_RESULTS"
@@ -167,11 +168,9 @@ def with_intervals(record: dict, arrays: dict[str, np.ndarray], seed: int = inte
     per-prompt means (independent)."""
     out = json.loads(json.dumps(record))
     tokens = out["tokens"]
-    kld = intervals.mean_ci(arrays["kld"], seed=[seed, 0])
-    top1 = intervals.mean_ci(arrays["top1"].astype(np.float64), seed=[seed, 1])
-    ln_ppl = intervals.mean_ci(arrays["nll_test"] - arrays["nll_base"], seed=[seed, 2])
-    tokens.update(kld_ci=kld.triple(), top1_ci=top1.triple(), ln_ppl_ratio_ci=ln_ppl.triple(),
-                  blocks={"kld": kld.block, "top1": top1.block, "ln_ppl_ratio": ln_ppl.block})
+    cis = {m: intervals.mean_ci(m.per_token(arrays), seed=[seed, i]) for i, m in enumerate(METRICS)}
+    tokens.update({m.interval: ci.triple() for m, ci in cis.items()})
+    tokens["blocks"] = {m.block: ci.block for m, ci in cis.items()}
     if "tasks" in out:
         for i, kind in enumerate(("arithmetic", "text")):
             per_prompt = arrays[f"task_kld_{kind}"]

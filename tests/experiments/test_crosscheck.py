@@ -82,7 +82,7 @@ def test_llama_perplexity_agrees(sessions, model, group_id, record_property):
     session = sessions[model]
     text = publish(cache_root() / "corpus" / session.corpus.sha256[:16],
                    lambda tmp: (tmp / "corpus.txt").write_text(session.corpus.text, encoding="utf-8")) / "corpus.txt"
-    base = publish(cache_root() / "xcheck" / session.baseline_dir.name,
+    base = publish(cache_root() / "xcheck" / session.baseline.directory.name,
                    lambda tmp: tool(session, "-f", str(text), "--kl-divergence-base", str(tmp / "base.kld")))
     out = tool(session, "--kl-divergence-base", str(base / "base.kld"), "--kl-divergence", *FLAGS[group_id])
     tool_kld = float(re.search(r"Mean\s+KLD:\s+(\S+)", out).group(1))
@@ -92,7 +92,7 @@ def test_llama_perplexity_agrees(sessions, model, group_id, record_property):
     first = matrix.N_CTX // 2 - matrix.SCORED_FROM
     session.ctx.set_fake_quant(list(session.groups[group_id].rules))
     try:
-        scores = [tool_scores(np.load(session.baseline_dir / f"chunk{c:02d}.npy", mmap_mode="r")[first:],
+        scores = [tool_scores(session.baseline.chunk(c)[first:],
                               session._scored_logits(chunk)[first:])
                   for c, chunk in enumerate(session.chunks[:CHUNKS])]
     finally:

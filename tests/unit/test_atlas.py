@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import asdict, fields
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,9 +27,10 @@ from harness.cache import HarnessError
 from harness.driver import FakeQuantRule, Target
 from harness.intervals import Interval
 from harness.metrics import token_stats
+from harness.records import MeasuredPoint, NonFinitePoint, TokenSummary
 from harness.reference import parse_layers as reference_parse_layers
 from harness.measurement import ATLAS_VERSION
-from harness.runner import ModelSession
+from harness.runner import BaselineFiles, ModelSession
 
 N_LAYER = 4
 EVERY = tuple(range(N_LAYER))
@@ -174,7 +176,7 @@ def test_eta_counts_only_points_still_to_measure():
 
 def test_store_key_holds_the_declared_versions_and_the_rule_not_the_code(tmp_path):
     # a model given as a path: its stores are named by the file's stem, inside the root
-    session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"}, _tag=ModelSession._tag)
+    session = SimpleNamespace(name="/models/m.gguf", key={"model": "abc", "build": "k"})
     session.entry_name = partial(ModelSession.entry_name, session)
     key = atlas.store_key(session, 4)
     assert key == {"model": "abc", "build": "k", "atlas": str(ATLAS_VERSION), "max_chunks": "4",
@@ -320,9 +322,10 @@ def synthetic_model(label: str, weight_type: str, scale: float, n_layer: int = 3
                  {"name": "result_output", "ne0": 256, "layered": False}]
 
     def point(position, fmt, layer, value):
-        return {"point": {"position": position, "fmt": fmt, "layer": layer}, "sites": 1, "chunks": 1,
-                "stop": "tight", "kld_ci": [value, value * 0.9, value * 1.1], "block": 2,
-                "tokens": {"n_tokens": 447, "top1_agreement": 0.999, "ppl_ratio": 1.0001},
+        tokens = dict.fromkeys(sorted({f.name for f in fields(TokenSummary)} - TokenSummary.OPTIONAL), value)
+        return {"point": {"position": position, "fmt": fmt, "layer": layer}, "rules": rules_of(position, fmt, layer),
+                "sites": 1, "chunks": 1, "stop": "tight", "kld_ci": [value, value * 0.9, value * 1.1], "block": 2,
+                "tokens": tokens | {"n_tokens": 447, "top1_agreement": 0.999, "ppl_ratio": 1.0001},
                 "timing": {"wall_s": 1.0, "compute_s": 0.9}}
 
     points = [point(p, f, il, scale * (il + 1) * (10 if f == "bf16" else 1) * (2 if p == "ffn_norm" else 1) * 1e-7)
@@ -399,8 +402,14 @@ def test_report_errors_name_the_file(tmp_path):
 # non-finite logits: a result, the worst one ----------------------------------------------------
 
 
+def rules_of(position: str, fmt: str, layer: int | None) -> list[dict]:
+    """A point's rules as the atlas records them (harness.atlas.Point.rule)."""
+    return [asdict(Point(position, fmt, layer).rule)]
+
+
 def overflowed(position: str, fmt: str, layer: int | None) -> dict:
-    return {"point": {"position": position, "fmt": fmt, "layer": layer}, "sites": 1, "chunks": 1,
+    return {"point": {"position": position, "fmt": fmt, "layer": layer}, "rules": rules_of(position, fmt, layer),
+            "sites": 1, "chunks": 1,
             "stop": "non-finite", "non_finite": {"chunk": 0, "rows": 447, "of": 447},
             "timing": {"wall_s": 1.0, "compute_s": 0.9}}
 
@@ -432,16 +441,16 @@ class FakeSession:
     def __init__(self, tmp_path: Path, bad_chunk: int | None, bad_rows: int = 3, baseline_bad: bool = False) -> None:
         from harness import matrix
 
-        n_tokens = matrix.N_CTX - 1 - matrix.SCORED_FROM
+        n_tokens = matrix.TOKENS_PER_CHUNK
         rng = np.random.default_rng(0)
-        self.baseline_dir = tmp_path
+        self.baseline = BaselineFiles(tmp_path)
         self.chunks = [list(rng.integers(0, 16, matrix.N_CTX)) for _ in range(2)]
         self.logits = [rng.standard_normal((n_tokens, 16)).astype(np.float32) for _ in range(2)]
         for i, base in enumerate(self.logits):
             saved = base.copy()
             if baseline_bad and i == 0:
                 saved[0, 0] = np.nan
-            np.save(tmp_path / f"chunk{i:02d}.npy", saved)
+            np.save(self.baseline.chunk_path(i), saved)
         self.bad_chunk, self.bad_rows = bad_chunk, bad_rows
         self.ctx = SimpleNamespace(set_fake_quant=lambda rules: None, fake_quant_sites=1, compute_seconds=0.0)
         self.calls = 0
@@ -459,7 +468,9 @@ class FakeSession:
 @pytest.mark.parametrize("bad_chunk", [0, 1])
 def test_measure_rules_records_non_finite_logits(tmp_path, bad_chunk, monkeypatch):
     monkeypatch.setattr(atlas, "stop_reason", lambda ci, chunks, max_chunks: None if chunks < max_chunks else "max")
-    record = atlas.measure_rules(FakeSession(tmp_path, bad_chunk), [FakeQuantRule("x", "f16")], max_chunks=2)
+    typed = atlas.measure_rules(FakeSession(tmp_path, bad_chunk), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert isinstance(typed, NonFinitePoint)
+    record = typed.to_json()
     assert record["non_finite"] == {"chunk": bad_chunk, "rows": 3, "of": record["non_finite"]["of"]}
     assert record["stop"] == "non-finite" and record["chunks"] == bad_chunk + 1
     assert "kld_ci" not in record and "kld" not in record and not atlas.has_kld(record)
@@ -467,8 +478,8 @@ def test_measure_rules_records_non_finite_logits(tmp_path, bad_chunk, monkeypatc
 
 
 def test_measure_rules_with_finite_logits_has_a_kld(tmp_path):
-    record = atlas.measure_rules(FakeSession(tmp_path, None), [FakeQuantRule("x", "f16")], max_chunks=2)
-    assert atlas.has_kld(record) and record["kld_ci"][0] > 0
+    typed = atlas.measure_rules(FakeSession(tmp_path, None), [FakeQuantRule("x", "f16")], max_chunks=2)
+    assert isinstance(typed, MeasuredPoint) and typed.kld_ci.estimate > 0 and atlas.has_kld(typed.to_json())
 
 
 def test_a_non_finite_baseline_is_still_an_error(tmp_path):

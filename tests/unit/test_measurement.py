@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from harness import measurement
@@ -83,3 +84,28 @@ def test_the_results_key_is_values_only():
     assert {k: v for k, v in key.items() if k != "measurement"} == {
         "model": "m", "build": "b", "corpus": "c", "n_ctx": "512", "scored_from": "64", "main_chunks": "9",
         "numerics_tokens": "128", "generation": "50/42"}
+
+
+def test_verify_reports_a_record_that_differs():
+    """harness.verify: equal records (timing aside) compare identical; any other change is reported."""
+    from harness.verify import Outcome, array_differences, as_stored, differences
+
+    cached = {"group": "first5", "tokens": {"kld_mean": 1.5e-5, "n": 447}, "rules": [{"layers": "0-4"}],
+              "timing": {"wall_s": 1.0}}
+    same = as_stored(dict(cached, timing={"wall_s": 9.0}))
+    assert differences(cached, same) == []
+    changed = as_stored(cached)
+    changed["tokens"]["kld_mean"] = 1.5e-5 * (1 + 2 ** -52)
+    changed["rules"].append({"layers": "5"})
+    del changed["group"]
+    assert differences(cached, changed) == ["group: only in the cached record", "rules: 1 items cached, 2 now",
+                                            f"tokens.kld_mean: 1.5e-05 != {changed['tokens']['kld_mean']!r}"]
+    assert differences({"n": 1}, {"n": 1.0}) == ["n: 1 != 1.0"]
+    a = {"kld": np.array([0.0, 1.0], np.float32)}
+    assert array_differences(a, {"kld": a["kld"].copy()}) == []
+    assert array_differences(a, {"kld": a["kld"].astype(np.float64)}) != []
+    assert array_differences(a, {"kld": np.array([-0.0, 1.0], np.float32)}) != []  # bits, not values
+    outcome = Outcome()
+    outcome.add("same", [])
+    outcome.add("other", differences(cached, changed))
+    assert set(outcome.differing) == {"other"} and outcome.text().startswith("2 compared, 1 identical")

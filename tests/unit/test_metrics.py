@@ -127,7 +127,7 @@ def test_uniform_logits_have_perplexity_n_vocab():
     n, v = 64, 1000
     logits = np.full((n, v), 1.25, dtype=np.float32)
     targets = np.arange(n) % v
-    summary = summarize(token_stats(logits, logits, targets))
+    summary = summarize(token_stats(logits, logits, targets)).to_json()
     assert summary["ppl_base"] == pytest.approx(v, rel=1e-12)
     assert summary["ppl_test"] == pytest.approx(v, rel=1e-12)
     assert summary["ppl_ratio"] == 1.0 and summary["kld_max"] == 0.0
@@ -267,7 +267,7 @@ def test_summarize_hand_example():
         nll_test=np.array([1.0, 2.0, 1.0, 2.0, 1.5]),
         dp=np.array([0.1, -0.2, 0.0, 0.3, -0.2]),
     )
-    s = summarize(stats)
+    s = summarize(stats).to_json()
     expected = {
         "n_tokens": 5,
         "kld_mean": 2.0,

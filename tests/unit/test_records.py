@@ -1,0 +1,70 @@
+"""harness.records: the typed records read and write the JSON the cache and results.json hold, unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from harness.records import (Estimate, GroupRecord, MeasuredPoint, NonFinitePoint, RecordError, SkippedPoint,
+                             point_from_json, round_trip_cache, same_json)
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_results_groups_round_trip():
+    """Every group of the small results file (records with intervals) loads and writes back identical."""
+    groups = json.loads((FIXTURES / "results_small.json").read_text())["groups"]
+    for data in groups:
+        record = GroupRecord.from_json(data)
+        assert same_json(record.to_json(), data), data["group"]
+        assert isinstance(record.tokens.kld_ci, Estimate) and record.tokens.kld_ci.estimate == data["tokens"]["kld_ci"][0]
+    # the cached form: no intervals
+    bare = dict(groups[0], tokens={k: v for k, v in groups[0]["tokens"].items() if not k.endswith("_ci")
+                                   and k != "blocks"})
+    assert GroupRecord.from_json(bare).tokens.kld_ci is None and same_json(GroupRecord.from_json(bare).to_json(), bare)
+
+
+def test_atlas_points_are_three_types():
+    points = json.loads((FIXTURES / "atlas_points_small.json").read_text())["points"]
+    typed = [point_from_json(p) for p in points]
+    assert [type(t) for t in typed] == [MeasuredPoint, NonFinitePoint, SkippedPoint]
+    assert all(same_json(t.to_json(), p) for t, p in zip(typed, points, strict=True))
+    summary = {k: v for k, v in points[0].items() if k != "kld"}  # atlas.json's point summaries
+    assert same_json(point_from_json(summary).to_json(), summary)
+
+
+def test_a_record_of_another_layout_is_refused(tmp_path):
+    group = json.loads((FIXTURES / "results_small.json").read_text())["groups"][0]
+    with pytest.raises(RecordError, match="has no field 'kld_mean_typo'"):
+        GroupRecord.from_json(dict(group, tokens=dict(group["tokens"], kld_mean_typo=1.0)))
+    with pytest.raises(RecordError, match=r"expected \[estimate, lo, hi\]"):
+        Estimate.from_json([1.0, 2.0])
+    with pytest.raises(RecordError, match="a skipped point has only"):
+        point_from_json({"point": {"position": "x", "fmt": "bf16", "layer": None}, "skipped": "r", "sites": 1})
+    # the cache check names a file that does not come back
+    bad = tmp_path / "results" / "m-g-0" / "record.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps(dict(group, extra=1)))
+    (tmp_path / "results" / "m-h-0").mkdir()
+    (tmp_path / "results" / "m-h-0" / "record.json").write_text(json.dumps(group))
+    checked, problems = round_trip_cache(tmp_path)
+    assert checked == 2 and len(problems) == 1 and "m-g-0" in problems[0]
+
+
+def test_baseline_files_are_named_in_one_place(tmp_path):
+    """harness.runner.BaselineFiles: the names cached baselines hold, written and read back."""
+    import numpy as np
+
+    from harness.runner import BaselineFiles
+
+    files = BaselineFiles(tmp_path)
+    np.save(files.chunk_path(3), np.ones((2, 4), np.float32))
+    np.save(files.task_path(12), np.zeros((1, 4), np.float32))
+    files.write_generation({"design": [1, 2]})
+    files.write_tensors({"l_out-0": np.arange(3, dtype=np.float32)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunk03.npy", "generation.json", "numerics.npz",
+                                                          "task012.npy"]
+    assert files.chunk(3).sum() == 8 and files.task(12).shape == (1, 4)
+    assert files.generation() == {"design": [1, 2]} and files.tensors()["l_out-0"].tolist() == [0, 1, 2]
