@@ -111,11 +111,11 @@ def test_vulkan_architectures_native_equals_reference(monkeypatch):
 
 
 @pytest.mark.vulkan
-@pytest.mark.xfail(strict=True, reason="known defect (native/README.md): on Vulkan, Qcur in mxfp4 crashes the "
-                                        "process (signal 11) on llama-dense, gemma3-dense and qwen3moe-moe")
+@pytest.mark.xfail(strict=True, reason="known defect (native/README.md): on Vulkan, Qcur, Kcur and Vcur (a site "
+                                        "that is a view of another) crash in the custom-node formats")
 def test_vulkan_every_name_in_mxfp4(monkeypatch):
     """The new formats' custom nodes on lavapipe, at every name of one architecture: ffn_norm, attn_norm
-    and the logits are bit-exact there (test_vulkan.py); this sweep crashed at Qcur when first run."""
+    and the logits are bit-exact there (test_vulkan.py); this sweep crashes at Qcur (cause: native/README.md)."""
     b = backend_build("vulkan")
     for name, value in VULKAN_ENV.items():
         monkeypatch.setenv(name, value)
