@@ -548,8 +548,8 @@ def rules_for(sites: Iterable[Site], fmt: str) -> list[FakeQuantRule]:
 
 def cli_flags(rules: Iterable[FakeQuantRule]) -> str:
     """The llama.cpp tools' flags for the same rules (native/README.md: --fake-quant-tensor NAME:TYPE[:LAYERS])."""
-    return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}" + ("" if r.layers == matrix.EVERY_LAYER else f":{r.layers}")
-                    for r in rules)
+    return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}"
+                    + ("" if r.layers == matrix.EVERY_LAYER else f":{r.layers}") for r in rules)
 
 
 def check_advice(fmt: str, budget: float) -> None:

@@ -570,7 +570,8 @@ def section_hypotheses(res: Results) -> list[str]:
             + [verdict_cell(per_model[m]) if m in per_model else "–" for m in models]
             for hid, per_model in by_id.items()]
     lines += table(["id", "statement"] + [model_heading(res, m) for m in models], rows)
-    rows = [[v.hypothesis, v.model, "; ".join(f"{cell(comparison_text(c))} ({c.verdict}, {c.unit})" for c in v.comparisons)]
+    rows = [[v.hypothesis, v.model,
+             "; ".join(f"{cell(comparison_text(c))} ({c.verdict}, {c.unit})" for c in v.comparisons)]
             for v in res.verdicts]
     lines += table(["id", "model", "comparisons: a mean vs b mean, difference [95 % CI], Holm-adjusted p"], rows)
     unrecorded = sorted({v.model for v in res.verdicts if v.recorded is None})

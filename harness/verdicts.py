@@ -198,7 +198,8 @@ def dose_response(data: GroupData, seed: int = intervals.SEED) -> list[DosePoint
     for k, scale in enumerate(matrix.SCALES):
         record, arrays = data(matrix.scale_id(scale))
         n = len(arrays["kld"])
-        points.append(DosePoint(record["scale"], Estimate(*intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k]).triple())))
+        ci = intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k])
+        points.append(DosePoint(record["scale"], Estimate(*ci.triple())))
     full = data("all")[1]["kld"][:n]
     points.append(DosePoint(1.0, Estimate(*intervals.mean_ci(full, seed=[seed, 7 + len(matrix.SCALES)]).triple())))
     return points
