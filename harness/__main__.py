@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from harness.build import BACKEND_FLAGS, offload
 from harness.cache import HarnessError
+from harness.formats import TABLE
 from harness.source import SOURCE_ENV
 
 
@@ -233,8 +234,8 @@ def _atlas(args: argparse.Namespace) -> str:
 def _advise(args: argparse.Namespace) -> str:
     """The largest set of sites that fits the budget, measured; the flags that reproduce it."""
     from harness.atlas import advise_atlas, check_advice, non_finite_text
-    from harness.records import NonFinitePoint
     from harness.corpus import load_corpus
+    from harness.records import NonFinitePoint
     from harness.report import num, with_ci
 
     check_advice(args.format, args.budget)  # before the model loads
@@ -346,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", nargs="+", help="positions (names of the pp graph; default: every one)")
     p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B, or none "
                                     "(every layer at once only)")
-    p.add_argument("--formats", nargs="+", help="formats of docs/formats.md: bf16 f16 q8_0 fp8_e4m3 fp8_e5m2 "
-                   "fp8_e4m3_tensor fp8_e5m2_tensor mxfp8_e4m3 mxfp8_e5m2 mxfp6_e2m3 mxfp6_e3m2 mxfp4 mxint8 nvfp4 int8 "
-                   "mxfp4_ggml (default: all; single layers for bf16 f16 fp8_e4m3 mxfp4 nvfp4 int8)")
+    p.add_argument("--formats", nargs="+", help=f"formats of docs/formats.md: {' '.join(TABLE)} (default: all; "
+                   "single layers for those of harness.atlas.SINGLE_FORMATS, docs/atlas.md)")
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
     p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")
