@@ -253,7 +253,7 @@ def _advise(args: argparse.Namespace) -> str:
     m, held = a.measured, a.held
     verdict = "held" if held.upper else "held by the mean only" if held.mean else "NOT held"
     measured = (f"measured: {non_finite_text(m)}" if isinstance(m, NonFinitePoint) else
-                f"measured KLD: {with_ci(m.kld_ci.estimate, m.kld_ci.to_json())} (95 % CI, {m.tokens.n_tokens} "
+                f"measured KLD: {with_ci(m.kld_ci)} (95 % CI, {m.tokens.n_tokens} "
                 f"tokens, {m.chunks} chunk{'s' * (m.chunks != 1)}); measured - predicted = {num(a.prediction_error)}")
     lines += [
         "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a.sites),
