@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 from harness.build import BACKEND_FLAGS, offload
 from harness.cache import HarnessError
+from harness.formats import TABLE
 from harness.source import SOURCE_ENV
 
 
@@ -234,6 +235,7 @@ def _advise(args: argparse.Namespace) -> str:
     """The largest set of sites that fits the budget, measured; the flags that reproduce it."""
     from harness.atlas import advise_atlas, check_advice, non_finite_text
     from harness.corpus import load_corpus
+    from harness.records import NonFinitePoint
     from harness.report import num, with_ci
 
     check_advice(args.format, args.budget)  # before the model loads
@@ -241,26 +243,26 @@ def _advise(args: argparse.Namespace) -> str:
     with _cluster(args) as client, _model_atlas(args.model, load_corpus(), args.max_chunks, client, None,
                                                 backend, layers) as atlas:
         a = advise_atlas(atlas, args.format, args.budget, _names(args.positions), args.layers)
-    lines = [f"model {a['model']}, {a['fmt']}, budget {num(a['budget'])}: {len(a['sites'])} of {a['candidates']} "
+    lines = [f"model {a.model}, {a.fmt}, budget {num(a.budget)}: {len(a.sites)} of {a.candidates} "
              f"sites fit (smallest KLD first; that maximizes the count)"]
-    if a["non_finite"]:
-        lines.append(f"left out, non-finite logits alone ({a['fmt']} exceeds the values' range): "
-                     + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a["non_finite"]))
-    if not a["sites"]:
-        return "\n".join(lines + [f"no site fits: the smallest single-site KLD is {num(a['smallest'])}"])
-    m = a["measured"]
-    held = "held" if a["held"]["upper"] else "held by the mean only" if a["held"]["mean"] else "NOT held"
-    measured = (f"measured: {non_finite_text(m)}" if "non_finite" in m else
-                f"measured KLD: {with_ci(m['kld_ci'][0], m['kld_ci'])} (95 % CI, {m['tokens']['n_tokens']} tokens, "
-                f"{m['chunks']} chunk{'s' * (m['chunks'] != 1)}); measured - predicted = {num(a['prediction_error'])}")
+    if a.non_finite:
+        lines.append(f"left out, non-finite logits alone ({a.fmt} exceeds the values' range): "
+                     + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a.non_finite))
+    if not a.sites:
+        return "\n".join(lines + [f"no site fits: the smallest single-site KLD is {num(a.smallest)}"])
+    m, held = a.measured, a.held
+    verdict = "held" if held.upper else "held by the mean only" if held.mean else "NOT held"
+    measured = (f"measured: {non_finite_text(m)}" if isinstance(m, NonFinitePoint) else
+                f"measured KLD: {with_ci(m.kld_ci)} (95 % CI, {m.tokens.n_tokens} "
+                f"tokens, {m.chunks} chunk{'s' * (m.chunks != 1)}); measured - predicted = {num(a.prediction_error)}")
     lines += [
-        "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a["sites"]),
-        f"predicted KLD (sum of single-site means): {num(a['predicted'])}",
+        "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a.sites),
+        f"predicted KLD (sum of single-site means): {num(a.predicted)}",
         measured,
-        f"budget {held} (mean {'<=' if a['held']['mean'] else '>'} budget, upper bound "
-        f"{'<=' if a['held']['upper'] else '>'} budget)",
-        f"llama-completion -m {a['model_path']} {a['flags']} -p PROMPT",
-        f"llama-perplexity -m {a['model_path']} {a['flags']} -f TEXT",
+        f"budget {verdict} (mean {'<=' if held.mean else '>'} budget, upper bound "
+        f"{'<=' if held.upper else '>'} budget)",
+        f"llama-completion -m {a.model_path} {a.flags} -p PROMPT",
+        f"llama-perplexity -m {a.model_path} {a.flags} -f TEXT",
     ]
     return "\n".join(lines)
 
@@ -345,9 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--positions", nargs="+", help="positions (names of the pp graph; default: every one)")
     p.add_argument("--layers", help="layers of the single-layer points: -1 (all, default), N, A-B, A,B, or none "
                                     "(every layer at once only)")
-    p.add_argument("--formats", nargs="+", help="formats of docs/formats.md: bf16 f16 q8_0 fp8_e4m3 fp8_e5m2 "
-                   "fp8_e4m3_tensor fp8_e5m2_tensor mxfp8_e4m3 mxfp8_e5m2 mxfp6_e2m3 mxfp6_e3m2 mxfp4 mxint8 nvfp4 int8 "
-                   "mxfp4_ggml (default: all; single layers for bf16 f16 fp8_e4m3 mxfp4 nvfp4 int8)")
+    p.add_argument("--formats", nargs="+", help=f"formats of docs/formats.md: {' '.join(TABLE)} (default: all; "
+                   "single layers for those of harness.atlas.SINGLE_FORMATS, docs/atlas.md)")
     p.add_argument("--max-chunks", type=int,
                    help="most corpus chunks a point measures (default: harness.atlas.MAX_CHUNKS)")
     p.add_argument("--out", default="report", help="report directory (default: report; PNGs and atlas.json in atlas/)")

@@ -58,7 +58,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,8 @@ from harness.formats import TABLE
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
-from harness.records import Estimate, MeasuredPoint, NonFinite, NonFinitePoint, PointId, SkippedPoint, Timing
+from harness.records import (Advice, Estimate, Held, MeasuredPoint, NonFinite, NonFinitePoint, PointId, Site,
+                             SkippedPoint, Timing, point_from_json)
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
 from harness.runner import ModelSession, entry_name
@@ -132,7 +133,7 @@ class Point:
 
     @property
     def rule(self) -> FakeQuantRule:
-        return FakeQuantRule(self.position, self.fmt, "-1" if self.layer is None else str(self.layer))
+        return FakeQuantRule(self.position, self.fmt, matrix.EVERY_LAYER if self.layer is None else str(self.layer))
 
 
 def skip_reason(point: Point, ne0: int) -> str | None:
@@ -204,14 +205,9 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
                          summarize(stats), timing, stats.kld.tolist())
 
 
-def has_kld(record: dict) -> bool:
-    """A point measured to a KLD: neither skipped nor with non-finite logits."""
-    return "skipped" not in record and "non_finite" not in record
-
-
-def non_finite_text(record: dict) -> str:
-    nf = record["non_finite"]
-    return f"non-finite logits ({nf['rows']} of {nf['of']} rows of chunk {nf['chunk']})"
+def non_finite_text(record: NonFinitePoint) -> str:
+    nf = record.non_finite
+    return f"non-finite logits ({nf.rows} of {nf.of} rows of chunk {nf.chunk})"
 
 
 def measure_point(session: ModelSession, point: Point, ne0: int, max_chunks: int) -> dict:
@@ -305,10 +301,10 @@ def run_points(points: Sequence[Point], store: PointStore, measure: Callable[[Po
 
 
 def parse_layers(spec: str | None, n_layer: int) -> list[int]:
-    """A layer spec ("-1" or None: all; "N", "A-B", "A,B", mixtures) as sorted layers, expanded by
-    the reference's parser; a clear error naming the spec and the model's layers."""
-    spec = "-1" if spec is None else spec
-    if spec != "-1" and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec):
+    """A layer spec (matrix.EVERY_LAYER or None: all; "N", "A-B", "A,B", mixtures) as sorted layers,
+    expanded by the reference's parser; a clear error naming the spec and the model's layers."""
+    spec = matrix.EVERY_LAYER if spec is None else spec
+    if spec != matrix.EVERY_LAYER and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec):
         raise HarnessError(f"malformed layer spec {spec!r} (allowed: -1, N, A-B, A,B or a mixture)")
     try:
         chosen = reference_layers(spec, n_layer)
@@ -522,9 +518,6 @@ def measure_atlas(atlas: ModelAtlas, positions: Sequence[str] | None = None, lay
 
 # the budget advisor ---------------------------------------------------------------------------
 
-Site = tuple[str, int | None]  # (position, layer); layer None for a position of no layer
-
-
 def select_sites(kld: Mapping[Site, float], budget: float) -> list[Site]:
     """The largest set of sites whose summed KLD (math.fsum) is at most `budget`: the k smallest
     have the smallest sum of any k sites, so the answer is the longest prefix of the sites in
@@ -541,7 +534,7 @@ def select_sites(kld: Mapping[Site, float], budget: float) -> list[Site]:
 
 
 def rules_for(sites: Iterable[Site], fmt: str) -> list[FakeQuantRule]:
-    """One rule per position, with its layers as one spec ("-1" for a position of no layer)."""
+    """One rule per position, with its layers as one spec (every layer for a position of no layer)."""
     by_position: dict[str, list[int]] = {}
     whole: list[str] = []
     for position, layer in sites:
@@ -555,8 +548,8 @@ def rules_for(sites: Iterable[Site], fmt: str) -> list[FakeQuantRule]:
 
 def cli_flags(rules: Iterable[FakeQuantRule]) -> str:
     """The llama.cpp tools' flags for the same rules (native/README.md: --fake-quant-tensor NAME:TYPE[:LAYERS])."""
-    return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}" + ("" if r.layers == "-1" else f":{r.layers}")
-                    for r in rules)
+    return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}"
+                    + ("" if r.layers == matrix.EVERY_LAYER else f":{r.layers}") for r in rules)
 
 
 def check_advice(fmt: str, budget: float) -> None:
@@ -568,32 +561,29 @@ def check_advice(fmt: str, budget: float) -> None:
 
 
 def advise(session: ModelSession, fmt: str, budget: float, positions: Sequence[str] | None = None,
-           layers: str | None = None, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> dict:
+           layers: str | None = None, max_chunks: int = MAX_CHUNKS, root: Path | None = None) -> Advice:
     """advise_atlas in this process."""
     return advise_atlas(ModelAtlas.of(session, max_chunks, root), fmt, budget, positions, layers)
 
 
 def advise_atlas(atlas: ModelAtlas, fmt: str, budget: float, positions: Sequence[str] | None = None,
-                 layers: str | None = None) -> dict:
+                 layers: str | None = None) -> Advice:
     """The advised set for `budget` from the single-site points (measured now where missing),
     then that set measured as one run: predicted vs measured KLD and the flags that reproduce it."""
     check_advice(fmt, budget)
     records, measured_now = atlas.run(atlas.candidates(fmt, positions, layers))
-    kld = {(r["point"]["position"], r["point"]["layer"]): r["kld_ci"][0] for r in records if has_kld(r)}
-    excluded = [[r["point"]["position"], r["point"]["layer"]] for r in records if "non_finite" in r]
+    points = [point_from_json(r) for r in records]
+    kld = {(r.point.position, r.point.layer): r.kld_ci.estimate for r in points if isinstance(r, MeasuredPoint)}
+    excluded = tuple((r.point.position, r.point.layer) for r in points if isinstance(r, NonFinitePoint))
     sites = select_sites(kld, budget)
     rules = rules_for(sites, fmt)
-    advice = {"model": atlas.facts.name, "fmt": fmt, "budget": budget, "candidates": len(kld), "non_finite": excluded,
-              "measured_now": measured_now, "sites": [list(s) for s in sites],
-              "predicted": math.fsum(kld[s] for s in sites), "rules": [asdict(r) for r in rules],
-              "flags": cli_flags(rules), "model_path": atlas.facts.path}
+    advice = Advice(atlas.facts.name, fmt, budget, len(kld), excluded, measured_now, tuple(sites),
+                    math.fsum(kld[s] for s in sites), tuple(rules), cli_flags(rules), atlas.facts.path)
     if not sites:
-        advice["smallest"] = min(kld.values(), default=None)
-        return advice
+        return replace(advice, smallest=min(kld.values(), default=None))
     progress(f"{atlas.facts.name}: measuring the advised set ({len(sites)} sites)")
-    run = atlas.measure_set(rules)
-    if "non_finite" in run:  # each site alone was finite, together they are not: the budget did not hold
-        return advice | {"measured": summary(run), "held": {"mean": False, "upper": False}, "prediction_error": None}
-    mean, hi = run["kld_ci"][0], run["kld_ci"][2]
-    return advice | {"measured": summary(run), "held": {"mean": mean <= budget, "upper": hi <= budget},
-                     "prediction_error": mean - advice["predicted"]}
+    run = point_from_json(summary(atlas.measure_set(rules)))
+    if isinstance(run, NonFinitePoint):  # each site alone was finite, together they are not: the budget did not hold
+        return replace(advice, measured=run, held=Held(False, False))
+    return replace(advice, measured=run, held=Held(run.kld_ci.estimate <= budget, run.kld_ci.hi <= budget),
+                   prediction_error=run.kld_ci.estimate - advice.predicted)

@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.atlas import layer_spec
 from harness.cache import HarnessError
-from harness.records import MeasuredPoint, NonFinitePoint, PointRecord, SkippedPoint, point_from_json
+from harness.records import Estimate, MeasuredPoint, NonFinitePoint, PointRecord, SkippedPoint, point_from_json
 from harness.report import _pyplot, _save, _yerr, backend_text, duration, num, pct, ratio, table, with_ci
 
 TOP_PAIRS = 10
@@ -100,7 +100,7 @@ def kld(r: MeasuredPoint | None) -> float | None:
 
 
 def ci_text(r: MeasuredPoint | None) -> str:
-    return "–" if r is None else with_ci(r.kld_ci.estimate, r.kld_ci.to_json())
+    return "–" if r is None else with_ci(r.kld_ci)
 
 
 def image_name(label: str, kind: str) -> str:
@@ -176,16 +176,16 @@ def plot_ranking(v: View, path: Path) -> str | None:
         dropped += [f"{order[i]} {fmt}" for i, r in pts if r.kld_ci.estimate <= 0]
         pts = [(i, r) for i, r in pts if r.kld_ci.estimate > 0]
         if pts:
-            cis = [r.kld_ci.to_json() for _, r in pts]
+            cis = [r.kld_ci for _, r in pts]
             offset = (j - (len(fmts) - 1) / 2) * min(0.2, 0.8 / len(fmts))
-            ax.errorbar([i + offset for i, _ in pts], [c[0] for c in cis], yerr=_yerr(cis), ls="",
+            ax.errorbar([i + offset for i, _ in pts], [c.estimate for c in cis], yerr=_yerr(cis), ls="",
                         marker=MARKERS[j % len(MARKERS)], ms=4, capsize=2, label=f"{fmt}, every layer")
     ref = v.reference()
     if ref is not None:
-        c = ref.kld_ci.to_json()
-        ax.axhline(c[0], color="tab:red", lw=1, ls="--",
-                   label=f"reference: {v.ref_position} {v.ref_fmt}, every layer: {c[0]:.2g}")
-        ax.axhspan(c[1], c[2], color="tab:red", alpha=0.12)
+        c = ref.kld_ci
+        ax.axhline(c.estimate, color="tab:red", lw=1, ls="--",
+                   label=f"reference: {v.ref_position} {v.ref_fmt}, every layer: {c.estimate:.2g}")
+        ax.axhspan(c.lo, c.hi, color="tab:red", alpha=0.12)
     ax.set_yscale("log")
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean KLD vs baseline (95 % CI)")
@@ -367,8 +367,8 @@ def section_additivity(v: View) -> list[str]:
         if "skipped" in e:
             rows.append([f"`{e['position']}`", e["fmt"], "–", "–", "–", "–", f"skipped: {e['skipped']}"])
         else:
-            rows.append([f"`{e['position']}`", e["fmt"], str(e["n_tokens"]), with_ci(e["sum_ci"][0], e["sum_ci"]),
-                         with_ci(e["all_ci"][0], e["all_ci"]), with_ci(e["difference_ci"][0], e["difference_ci"]),
+            rows.append([f"`{e['position']}`", e["fmt"], str(e["n_tokens"]),
+                         *(with_ci(Estimate.from_json(e[k])) for k in ("sum_ci", "all_ci", "difference_ci")),
                          e["verdict"]])
     lines += table(["position", "format", "tokens", "Σ single layers [95 % CI]", "all layers [95 % CI]",
                     "sum − all [95 % CI]", "verdict"], rows)

@@ -8,11 +8,14 @@ The verdicts recorded for each model are data too, kept with the snapshots
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.driver import FakeQuantRule
+
+EVERY_LAYER = "-1"  # the layer spec of a FakeQuantRule for every layer (as --fake-quant-tensor spells it)
 
 # model name -> layer count (checked against the loaded model): two architectures (SmolLM2-135M,
 # llama; Gemma 3 270M, with post-norms and a 262k vocabulary), each as shipped (quantized weights:
@@ -40,17 +43,19 @@ class Group:
     generation: bool = True  # greedy continuations and the seeded scenario
     numerics: bool = True    # per-layer error accumulation and ffn_norm statistics
     tasks: bool = False      # the H5 prompts (arithmetic vs text), measured where H5 looks
+    layer: int | None = None  # the one layer a sweep group rounds
 
-    @property
-    def layer(self) -> int | None:
-        return int(self.id[5:]) if self.kind == "sweep" else None
+    def key(self) -> str:
+        """The group as its cached results' key holds it: every field but `layer`, which its rules
+        already name."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "layer"}, sort_keys=True)
 
     @property
     def scale(self) -> float | None:
         return self.rules[0].scale if self.kind == "scale" else None
 
 
-def ffn(fmt: str = "bf16", layers: str = "-1", scale: float = 1.0) -> FakeQuantRule:
+def ffn(fmt: str = "bf16", layers: str = EVERY_LAYER, scale: float = 1.0) -> FakeQuantRule:
     return FakeQuantRule("ffn_norm", fmt, layers, scale)
 
 
@@ -60,6 +65,11 @@ SCALES = (0.25, 0.5)  # the dose-response sweep; scale 0 is the baseline, 1.0 is
 
 def scale_id(scale: float) -> str:
     return f"scale{round(scale * 100):03d}"
+
+
+def layer_id(il: int) -> str:
+    """The id of the sweep group that rounds layer `il` alone."""
+    return f"layer{il:02d}"
 
 
 def groups(n_layer: int) -> tuple[Group, ...]:
@@ -78,8 +88,8 @@ def groups(n_layer: int) -> tuple[Group, ...]:
     table += [Group(scale_id(s), "scale", f"ffn_norm bf16 all layers, scale {s}",
                     (ffn(scale=s),), chunks=SWEEP_CHUNKS, generation=False, numerics=False)
               for s in SCALES]
-    table += [Group(f"layer{il:02d}", "sweep", f"ffn_norm bf16, layer {il} alone", (ffn(layers=str(il)),),
-                    chunks=SWEEP_CHUNKS, generation=False, numerics=False)
+    table += [Group(layer_id(il), "sweep", f"ffn_norm bf16, layer {il} alone", (ffn(layers=str(il)),),
+                    chunks=SWEEP_CHUNKS, generation=False, numerics=False, layer=il)
               for il in range(n_layer)]
     return tuple(table)
 

@@ -98,6 +98,18 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("atlas", 1, "0a1c943ddaedcb70",
                  "measure_rules reads the baseline through BaselineFiles, ModelFacts names its store by "
                  "runner.entry_name: the same verify run, 5 points of smollm2-f32 (max chunks 1) identical"),
+    Confirmation("results", 1, "9db2b5b54e965a67",
+                 "typed analysis records (Verdict, Comparison, DosePoint, SweepTop, Advice in harness.records; "
+                 "TokenSummary's n_prompts before the intervals), Group.layer a field left out of the cache key "
+                 "(Group.key(): every group's key the same as before), matrix.layer_id/EVERY_LAYER, Metric.title: "
+                 "`python -m harness measurement verify --sample 6` on smollm2-f32: groups all, layer00, layer08, "
+                 "layer16, layer23, scale050 bit-identical to the cache (6 of 6, records and arrays, timing aside); "
+                 "`python -m harness.records` reads and writes back all 1,843 cached records identical"),
+    Confirmation("atlas", 1, "d6b991df24c20d63",
+                 "advise_atlas returns an Advice built from typed points, EVERY_LAYER for \"-1\": the same verify "
+                 "run re-measured 6 points of smollm2-f32 (max chunks 1: attn_norm.bf16.L000, "
+                 "attn_norm.fp8_e5m2_tensor.all, attn_norm.mxfp8_e5m2.all, ffn_norm.fp8_e4m3.L000, "
+                 "ffn_norm.mxfp4.all, result_output.bf16.all): 6 of 6 identical, timing aside"),
 )
 
 

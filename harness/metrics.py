@@ -197,6 +197,7 @@ class Metric:
     block: str
     per_token: Callable[[Mapping[str, np.ndarray]], np.ndarray]  # from a group's per-token arrays
     header: str                  # the report's column header
+    title: str                   # the report's plot panel
     spec: str = ".3g"            # display format
     percent: bool = False
     log_interval: bool = False   # the interval is of the log: the report shows exp of its bounds
@@ -205,11 +206,12 @@ class Metric:
 # the metrics summarize's intervals are computed for (harness.verdicts.with_intervals, in this order:
 # each one's bootstrap seed is its index) and the report's matrix table shows
 METRICS = (
-    Metric("kld_mean", "kld_ci", "kld", lambda a: a["kld"], "KLD mean [95 % CI]"),
+    Metric("kld_mean", "kld_ci", "kld", lambda a: a["kld"], "KLD mean [95 % CI]", "mean KLD vs baseline"),
     Metric("top1_agreement", "top1_ci", "top1", lambda a: a["top1"].astype(np.float64), "top-1 agreement [95 % CI]",
-           ".4g", percent=True),
+           "top-1 agreement with baseline", ".4g", percent=True),
     Metric("ppl_ratio", "ln_ppl_ratio_ci", "ln_ppl_ratio", lambda a: a["nll_test"] - a["nll_base"],
-           "PPL ratio [95 % CI]", ".4f", log_interval=True),  # ratios sit close to 1: four decimals show the change
+           "PPL ratio [95 % CI]", "perplexity ratio test / baseline", ".4f",
+           log_interval=True),  # ratios sit close to 1: four decimals show the change
 )
 
 

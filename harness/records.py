@@ -102,11 +102,11 @@ class TokenSummary:
     ppl_ratio: float
     dp_mean: float
     dp_rms: float
+    n_prompts: int | None = None  # before the intervals: results.json's tasks write it first
     kld_ci: Estimate | None = None
     top1_ci: Estimate | None = None
     ln_ppl_ratio_ci: Estimate | None = None
     blocks: Blocks | None = None
-    n_prompts: int | None = None
 
     OPTIONAL: ClassVar = frozenset({"kld_ci", "top1_ci", "ln_ppl_ratio_ci", "blocks", "n_prompts"})
     INTERVALS: ClassVar = ("kld_ci", "top1_ci", "ln_ppl_ratio_ci")
@@ -333,6 +333,131 @@ def point_from_json(data: Mapping, where: str = "point record") -> PointRecord:
         return NonFinitePoint(**common, non_finite=NonFinite(**_kwargs(NonFinite, kw["non_finite"], where)))
     return MeasuredPoint(**common, kld_ci=Estimate.from_json(kw["kld_ci"], f"{where}.kld_ci"), block=kw["block"],
                          tokens=TokenSummary.from_json(kw["tokens"], f"{where}.tokens"), kld=kw.get("kld"))
+
+
+Site = tuple[str, int | None]  # (position, layer); layer None for a position of no layer
+
+
+@dataclass(frozen=True)
+class Held:
+    """Whether the advised set's measured KLD stayed within the budget: its mean, its upper bound."""
+
+    mean: bool
+    upper: bool
+
+
+@dataclass(frozen=True)
+class Advice:
+    """The budget advisor's answer (harness.atlas.advise_atlas): the sites that fit, smallest KLD first,
+    their predicted KLD (the sum of the single-site means) and the rules and flags that reproduce the set;
+    then the set measured as one run (`measured`, `held`, `prediction_error`) or, when no site fits,
+    the smallest single-site KLD (`smallest`)."""
+
+    model: str
+    fmt: str
+    budget: float
+    candidates: int                 # single sites with a KLD
+    non_finite: tuple[Site, ...]    # single sites left out: non-finite logits alone
+    measured_now: int               # single-site points measured for this answer
+    sites: tuple[Site, ...]
+    predicted: float
+    rules: tuple[FakeQuantRule, ...]
+    flags: str
+    model_path: str
+    smallest: float | None = None
+    measured: MeasuredPoint | NonFinitePoint | None = None
+    held: Held | None = None
+    prediction_error: float | None = None
+
+
+# verdicts (harness.verdicts → results.json → the report and the tests) ----------------------------
+
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison of a hypothesis, "a hurts more than b": the two means, the bootstrap interval of
+    their difference, its p-value before and after Holm, and its verdict."""
+
+    a: str
+    b: str
+    unit: str            # what was resampled: per-token (paired) or per-prompt (independent)
+    mean_a: float
+    mean_b: float
+    difference: float
+    ci95: tuple[float, float]
+    block: int
+    p: float
+    p_holm: float
+    verdict: str
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "comparison") -> Comparison:
+        kw = _kwargs(cls, data, where)
+        kw["ci95"] = tuple(kw["ci95"])
+        return cls(**kw)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"ci95": list(self.ci95)}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A hypothesis decided on one model, with the comparisons that decided it; `recorded` is the
+    verdict recorded with the snapshots (None: none recorded, or not looked up)."""
+
+    hypothesis: str
+    model: str
+    statement: str
+    comparisons: tuple[Comparison, ...]
+    verdict: str
+    recorded: str | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "verdict") -> Verdict:
+        kw = _kwargs(cls, data, where)
+        kw["comparisons"] = tuple(Comparison.from_json(c, f"{where}.comparisons[{i}]")
+                                  for i, c in enumerate(kw["comparisons"]))
+        return cls(**kw)
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"comparisons": [c.to_json() for c in self.comparisons]}
+
+
+@dataclass(frozen=True)
+class SweepTop:
+    """The per-layer sweep's most sensitive layer against the runner-up (harness.verdicts.sweep_top)."""
+
+    top: int
+    runner_up: int
+    kld_top: float
+    kld_runner_up: float
+    difference_ci: Estimate
+    block: int
+    p: float
+    distinguishable: bool
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "sweep_top") -> SweepTop:
+        kw = _kwargs(cls, data, where)
+        return cls(**kw | {"difference_ci": Estimate.from_json(kw["difference_ci"], f"{where}.difference_ci")})
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"difference_ci": self.difference_ci.to_json()}
+
+
+@dataclass(frozen=True)
+class DosePoint:
+    """Mean KLD at one scale of the rounding step (harness.verdicts.dose_response)."""
+
+    scale: float
+    kld_ci: Estimate
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "dose point") -> DosePoint:
+        kw = _kwargs(cls, data, where)
+        return cls(kw["scale"], Estimate.from_json(kw["kld_ci"], f"{where}.kld_ci"))
+
+    def to_json(self) -> dict:
+        return {"scale": self.scale, "kld_ci": self.kld_ci.to_json()}
 
 
 # the cache, read back through the types -------------------------------------------------------------

@@ -12,13 +12,17 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from harness.cache import HarnessError
+from harness.driver import FakeQuantRule
+from harness.matrix import EVERY_LAYER
 from harness.metrics import METRICS, Metric
-from harness.records import TokenSummary
+from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, RecordError, SweepTop, TokenSummary,
+                             Verdict)
 from harness.verdicts import weight_format
 
 REQUIRED_KEYS = ("provenance", "models", "groups")
@@ -32,6 +36,9 @@ VERDICT_MEANING = {
 FULL_PRECISION = ("F32",)  # weight types whose matmul takes the activations as they are
 VERDICT_VERB = {"holds": "holds", "refuted": "is refuted", "inconclusive": "is inconclusive"}
 DESIGN_COLOUR, CONTROL_COLOUR = "tab:blue", "tab:red"
+# the plots' files beside index.md (PLOTS draws them, the sections link them)
+LAYERS_PNG, ACCUMULATION_PNG, HIST_PNG, GROUPS_PNG, DOSE_PNG = (
+    "layer_sensitivity.png", "error_accumulation.png", "ffn_norm_hist.png", "groups.png", "dose_response.png")
 
 
 def log(message: str) -> None:
@@ -53,11 +60,15 @@ def pct(x: Any, spec: str = ".3g") -> str:
     return "–" if x is None else f"{float(x) * 100:{spec}} %"
 
 
-def with_ci(estimate: Any, ci: list, spec: str = ".3g", scale: Callable[[float], float] = lambda v: v,
-            percent: bool = False) -> str:
-    """"estimate [lo, hi]" with the CI bounds ci[1], ci[2] of an [est, lo, hi] triple."""
-    f = (lambda v: pct(scale(v), spec)) if percent else (lambda v: num(scale(v), spec))
-    return f"{f(estimate)} [{f(ci[1])}, {f(ci[2])}]"
+def with_ci(ci: Estimate, estimate: Any = None, spec: str = ".3g") -> str:
+    """"estimate [lo, hi]" of an interval; `estimate` in place of the interval's own (a summary's mean)."""
+    return f"{num(ci.estimate if estimate is None else estimate, spec)} [{num(ci.lo, spec)}, {num(ci.hi, spec)}]"
+
+
+def shown_interval(metric: Metric, t: TokenSummary) -> Estimate:
+    """A metric's interval on the scale the report shows it (exp of an interval of the log)."""
+    ci = getattr(t, metric.interval)
+    return Estimate(*map(math.exp, ci.to_json())) if metric.log_interval else ci
 
 
 def metric_text(metric: Metric, t: TokenSummary) -> str:
@@ -130,29 +141,42 @@ def load(results_path: Path) -> dict:
     return data
 
 
+def group_record(data: dict, where: str) -> GroupRecord:
+    """A group of results.json as its typed record, with the intervals of every metric (which
+    harness.verdicts.with_intervals adds and the report shows)."""
+    g = GroupRecord.from_json(data, where)
+    for metric in METRICS:
+        if getattr(g.tokens, metric.interval) is None:
+            raise RecordError(f"{where}.tokens has no interval '{metric.interval}'")
+    return g
+
+
 class Results:
-    """Look-ups over one results file."""
+    """Look-ups over one results file, its groups, verdicts, dose response and sweep tops read as
+    typed records (harness.records)."""
 
     def __init__(self, data: dict):
         self.data = data
         self.prov = data["provenance"]
         self.models: dict[str, dict] = dict(data["models"])
-        self.groups: list[dict] = data["groups"]
-        self.verdicts: list[dict] = data.get("verdicts") or []
-        self.dose: dict[str, list] = data.get("dose_response") or {}
+        self.groups = [group_record(g, f"groups[{i}]") for i, g in enumerate(data["groups"])]
+        self.verdicts = [Verdict.from_json(v, f"verdicts[{i}]") for i, v in enumerate(data.get("verdicts") or [])]
+        self.dose = {m: [DosePoint.from_json(p, f"dose_response.{m}") for p in pts]
+                     for m, pts in (data.get("dose_response") or {}).items()}
+        self.sweep_top = {m: SweepTop.from_json(t, f"sweep_top.{m}") for m, t in (data.get("sweep_top") or {}).items()}
         names = list(self.models)
-        names += [g["model"] for g in self.groups if g["model"] not in names]
+        names += [g.model for g in self.groups if g.model not in names]
         self.model_names = list(dict.fromkeys(names))
 
-    def of_model(self, model: str, kinds: tuple[str, ...] | None = None) -> list[dict]:
-        return [g for g in self.groups if g["model"] == model and (kinds is None or g["kind"] in kinds)]
+    def of_model(self, model: str, kinds: tuple[str, ...] | None = None) -> list[GroupRecord]:
+        return [g for g in self.groups if g.model == model and (kinds is None or g.kind in kinds)]
 
-    def group(self, model: str, gid: str) -> dict | None:
-        return next((g for g in self.groups if g["model"] == model and g["group"] == gid), None)
+    def group(self, model: str, gid: str) -> GroupRecord | None:
+        return next((g for g in self.groups if g.model == model and g.group == gid), None)
 
-    def baseline(self, model: str) -> dict | None:
+    def baseline(self, model: str) -> GroupRecord | None:
         """The group with no fake-quantization rules (the reference every other group is compared with)."""
-        return next((g for g in self.of_model(model, TABLE_KINDS) if not g.get("rules")), None)
+        return next((g for g in self.of_model(model, TABLE_KINDS) if is_baseline(g)), None)
 
     def weight_type(self, model: str) -> str:
         """The weight type recorded from the GGUF's general.file_type ("unknown" if absent)."""
@@ -166,26 +190,25 @@ class Results:
         return self.weight_type(model) in FULL_PRECISION
 
 
-def is_baseline(group: dict) -> bool:
-    return not group.get("rules")
+def is_baseline(group: GroupRecord) -> bool:
+    return not group.rules
 
 
-def rule_columns(rules: list[dict]) -> dict[str, str]:
+def rule_columns(rules: Sequence[FakeQuantRule]) -> dict[str, str]:
     """The design table's description of a group, read from its rules."""
-    def layers(rule: dict) -> str:
-        return "all" if str(rule["layers"]) == "-1" else str(rule["layers"])
+    def layers(rule: FakeQuantRule) -> str:
+        return "all" if rule.layers == EVERY_LAYER else rule.layers
 
-    def scaled(rule: dict) -> str:
-        s = float(rule.get("scale", 1.0))
-        return "yes" if s == 1.0 else f"yes (scale {s:g})"
+    def scaled(rule: FakeQuantRule) -> str:
+        return "yes" if rule.scale == 1.0 else f"yes (scale {rule.scale:g})"
 
-    ffn = [r for r in rules if r["target"] == "ffn_norm"]
-    logits = [r for r in rules if r["target"] == "result_output"]
-    other = [r for r in rules if r["target"] not in ("ffn_norm", "result_output")]
-    types = list(dict.fromkeys(r["fmt"] for r in rules))
+    ffn = [r for r in rules if r.target == "ffn_norm"]
+    logits = [r for r in rules if r.target == "result_output"]
+    other = [r for r in rules if r.target not in ("ffn_norm", "result_output")]
+    types = list(dict.fromkeys(r.fmt for r in rules))
     type_text = ", ".join(types) if types else "–"
     if other:
-        type_text += "; also " + ", ".join(f"{r['target']} {r['fmt']} layers {layers(r)}" for r in other)
+        type_text += "; also " + ", ".join(f"{r.target} {r.fmt} layers {layers(r)}" for r in other)
     return {
         "ffn_norm fq": ", ".join(scaled(r) for r in ffn) if ffn else "no",
         "logits fq": ", ".join(scaled(r) for r in logits) if logits else "no",
@@ -194,9 +217,8 @@ def rule_columns(rules: list[dict]) -> dict[str, str]:
     }
 
 
-def greedy_match(group: dict) -> float | None:
-    rates = [e["match_rate"] for e in group.get("generation") or []
-             if e.get("sampling") == "greedy" and e.get("match_rate") is not None]
+def greedy_match(group: GroupRecord) -> float | None:
+    rates = [e.match_rate for e in group.generation or () if e.sampling == "greedy" and e.match_rate is not None]
     return sum(rates) / len(rates) if rates else None
 
 
@@ -213,8 +235,8 @@ def _pyplot():
     return plt
 
 
-def _yerr(cis: list[list[float]]) -> list[list[float]]:
-    return [[max(0.0, c[0] - c[1]) for c in cis], [max(0.0, c[2] - c[0]) for c in cis]]
+def _yerr(cis: Sequence[Estimate]) -> list[list[float]]:
+    return [[max(0.0, c.estimate - c.lo) for c in cis], [max(0.0, c.hi - c.estimate) for c in cis]]
 
 
 def _save(fig, path: Path) -> None:
@@ -224,8 +246,8 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_layer_sensitivity(res: Results, path: Path) -> str | None:
-    sweeps = {m: sorted((g for g in res.of_model(m, ("sweep",)) if g.get("layer") is not None),
-                        key=lambda g: g["layer"]) for m in res.model_names}
+    sweeps = {m: sorted((g for g in res.of_model(m, ("sweep",)) if g.layer is not None), key=lambda g: g.layer)
+              for m in res.model_names}
     sweeps = {m: s for m, s in sweeps.items() if s}
     if not sweeps:
         return "the results hold no groups of kind `sweep`"
@@ -236,9 +258,9 @@ def plot_layer_sensitivity(res: Results, path: Path) -> str | None:
     positive = True
     for i, (model, groups) in enumerate(sweeps.items()):
         offset = (i - (len(sweeps) - 1) / 2) * 0.15
-        cis = [g["tokens"]["kld_ci"] for g in groups]
-        positive &= all(c[0] > 0 for c in cis)
-        ax.errorbar([g["layer"] + offset for g in groups], [c[0] for c in cis], yerr=_yerr(cis),
+        cis = [g.tokens.kld_ci for g in groups]
+        positive &= all(c.estimate > 0 for c in cis)
+        ax.errorbar([g.layer + offset for g in groups], [c.estimate for c in cis], yerr=_yerr(cis),
                     fmt="o-", ms=3.5, capsize=2.5, lw=1, label=model)
     if positive:
         ax.set_yscale("log")
@@ -252,11 +274,10 @@ def plot_layer_sensitivity(res: Results, path: Path) -> str | None:
     return None
 
 
-def accumulation_groups(res: Results, model: str) -> list[dict]:
+def accumulation_groups(res: Results, model: str) -> list[GroupRecord]:
     """Groups that fake-quantize ffn_norm and nothing else, and carry per-layer numerics."""
     return [g for g in res.of_model(model, TABLE_KINDS)
-            if g.get("rules") and all(r["target"] == "ffn_norm" for r in g["rules"])
-            and (g.get("numerics") or {}).get("l_out_rel_err")]
+            if g.rules and all(r.target == "ffn_norm" for r in g.rules) and (g.numerics or {}).get("l_out_rel_err")]
 
 
 def plot_error_accumulation(res: Results, path: Path) -> str | None:
@@ -270,10 +291,10 @@ def plot_error_accumulation(res: Results, path: Path) -> str | None:
     fig, axes = plt.subplots(1, len(per_model), figsize=(5.5 * len(per_model), 4.5), squeeze=False, sharey=True)
     for ax, (model, groups) in zip(axes[0], per_model.items()):
         for g in groups:
-            n = g["numerics"]
+            n = g.numerics
             y = [v if v > 0 else math.nan for v in n["l_out_rel_err"]]
-            cols = rule_columns(g["rules"])
-            ax.plot(n["layers"], y, marker="o", ms=3, label=f"{g['group']} ({cols['type']}, layers {cols['layers']})")
+            cols = rule_columns(g.rules)
+            ax.plot(n["layers"], y, marker="o", ms=3, label=f"{g.group} ({cols['type']}, layers {cols['layers']})")
         ax.set_yscale("log")
         ax.set_title(model)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -286,10 +307,10 @@ def plot_error_accumulation(res: Results, path: Path) -> str | None:
     return None
 
 
-def hist_source(res: Results, model: str) -> dict | None:
+def hist_source(res: Results, model: str) -> GroupRecord | None:
     """Group `all` where it has histograms, else the first design/control group that does."""
-    def has_hist(g: dict | None) -> bool:
-        return bool(g) and any("hist_edges" in e for e in ((g.get("numerics") or {}).get("ffn_norm") or {}).values())
+    def has_hist(g: GroupRecord | None) -> bool:
+        return g is not None and any("hist_edges" in e for e in ((g.numerics or {}).get("ffn_norm") or {}).values())
 
     preferred = res.group(model, "all")
     if has_hist(preferred):
@@ -303,7 +324,7 @@ def plot_ffn_norm_hist(res: Results, path: Path) -> str | None:
         g = hist_source(res, model)
         if g is None:
             continue
-        entries = g["numerics"]["ffn_norm"]
+        entries = g.numerics["ffn_norm"]
         layers = sorted((k for k, e in entries.items() if "hist_edges" in e), key=int)
         rows.append((model, g, [(k, entries[k]) for k in layers]))
     if not rows:
@@ -312,11 +333,11 @@ def plot_ffn_norm_hist(res: Results, path: Path) -> str | None:
     ncols = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(4.2 * ncols, 3.4 * len(rows)), squeeze=False)
     for row, (model, g, layers) in zip(axes, rows):
-        fmt = rule_columns(g["rules"])["type"]
+        fmt = rule_columns(g.rules)["type"]
         for ax, (layer, e) in zip(row, layers):
             ax.stairs(e["hist_raw"], e["hist_edges"], label="raw (FP32)", lw=1.4)
             ax.stairs(e["hist_rounded"], e["hist_edges"], label=f"rounded ({fmt})", lw=1.0, ls="--")
-            ax.set_title(f"{model} · {g['group']} · layer {layer}\n{pct(e['changed_fraction'])} of values changed",
+            ax.set_title(f"{model} · {g.group} · layer {layer}\n{pct(e['changed_fraction'])} of values changed",
                          fontsize=9)
             ax.set_xlabel("ffn_norm output value")
             ax.set_ylabel("count")
@@ -338,19 +359,16 @@ def plot_groups(res: Results, path: Path) -> str | None:
 
     fig, axes = plt.subplots(len(per_model), 3, figsize=(15, 4.2 * len(per_model)), squeeze=False)
     for row, (model, groups) in zip(axes, per_model.items()):
-        panels = [
-            ("mean KLD vs baseline", [g for g in groups if not is_baseline(g) and g["tokens"]["kld_ci"][0] > 0],
-             lambda g: g["tokens"]["kld_ci"], True),
-            ("top-1 agreement with baseline", groups, lambda g: g["tokens"]["top1_ci"], False),
-            ("perplexity ratio test / baseline", groups,
-             lambda g: [math.exp(v) for v in g["tokens"]["ln_ppl_ratio_ci"]], False),
-        ]
-        for ax, (label, shown, value, log_y) in zip(row, panels):
+        for ax, metric in zip(row, METRICS):
+            # KLD on a log scale: the baseline (KLD 0) and any non-positive estimate left out
+            log_y = metric is METRICS[0]
+            shown = [g for g in groups if not log_y or (not is_baseline(g) and g.tokens.kld_ci.estimate > 0)]
+            label = metric.title
             for x, g in enumerate(shown):
-                c = value(g)
-                ax.errorbar([x], [c[0]], yerr=_yerr([c]), fmt="o", capsize=3,
-                            color=CONTROL_COLOUR if g["kind"] == "control" else DESIGN_COLOUR)
-            ax.set_xticks(range(len(shown)), [g["group"] for g in shown], rotation=35, ha="right")
+                c = shown_interval(metric, g.tokens)
+                ax.errorbar([x], [c.estimate], yerr=_yerr([c]), fmt="o", capsize=3,
+                            color=CONTROL_COLOUR if g.kind == "control" else DESIGN_COLOUR)
+            ax.set_xticks(range(len(shown)), [g.group for g in shown], rotation=35, ha="right")
             if log_y:
                 ax.set_yscale("log")
             ax.set_ylabel(label + " (95 % CI)")
@@ -364,14 +382,15 @@ def plot_groups(res: Results, path: Path) -> str | None:
 
 
 def plot_dose_response(res: Results, path: Path) -> str | None:
-    series = {m: sorted(pts, key=lambda p: p["scale"]) for m, pts in res.dose.items() if pts}
+    series = {m: sorted(pts, key=lambda p: p.scale) for m, pts in res.dose.items() if pts}
     if not series:
         return "the results hold no `dose_response` data"
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model, pts in series.items():
-        cis = [p["kld_ci"] for p in pts]
-        ax.errorbar([p["scale"] for p in pts], [c[0] for c in cis], yerr=_yerr(cis), fmt="o-", capsize=3, label=model)
+        cis = [p.kld_ci for p in pts]
+        ax.errorbar([p.scale for p in pts], [c.estimate for c in cis], yerr=_yerr(cis), fmt="o-", capsize=3,
+                    label=model)
     ax.set_xlabel("scale s of the rounding step: y = x + s·(round(x) − x)")
     ax.set_ylabel("mean KLD vs baseline (95 % CI)")
     ax.set_title("Dose response: ffn_norm fake quantization, all layers, scaled")
@@ -400,7 +419,7 @@ def section_provenance(res: Results) -> list[str]:
     per_chunk = m["n_ctx"] - 1 - m["scored_from"]
     n_by_kind: dict[str, set[int]] = {}
     for g in res.groups:
-        n_by_kind.setdefault(g["kind"], set()).add(g["tokens"]["n_tokens"])
+        n_by_kind.setdefault(g.kind, set()).add(g.tokens.n_tokens)
     measured = "; ".join(f"{kind}: {', '.join(str(n) for n in sorted(ns))}" for kind, ns in n_by_kind.items())
     wall, compute = p["group_wall_seconds"], p["group_compute_seconds"]
     share = pct(compute / wall) if wall else "–"
@@ -441,9 +460,8 @@ def statistics_text(prov: dict) -> str:
 
 
 def block_range(res: Results) -> str:
-    blocks = sorted({b for g in res.groups for b in (g["tokens"].get("blocks") or {}).values()}
-                    | {c["block"] for v in res.verdicts for c in v["comparisons"]
-                       if str(c.get("unit", "")).startswith("per-token")})
+    blocks = sorted({b for g in res.groups if g.tokens.blocks for b in asdict(g.tokens.blocks).values()}
+                    | {c.block for v in res.verdicts for c in v.comparisons if c.unit.startswith("per-token")})
     return f"{blocks[0]}–{blocks[-1]} tokens" if blocks else "–"
 
 
@@ -491,10 +509,10 @@ def section_matrix(res: Results) -> list[str]:
             continue
         rows = []
         for g in groups:
-            t = TokenSummary.from_json(g["tokens"])
-            cols = rule_columns(g.get("rules") or [])
-            rows.append([f"`{g['group']}`", g["kind"], cols["ffn_norm fq"], cols["logits fq"], cols["layers"],
-                         cols["type"], str(g.get("fake_quant_sites", "–")),
+            t = g.tokens
+            cols = rule_columns(g.rules)
+            rows.append([f"`{g.group}`", g.kind, cols["ffn_norm fq"], cols["logits fq"], cols["layers"],
+                         cols["type"], str(g.fake_quant_sites),
                          metric_text(kld, t), num(t.kld_p99), metric_text(top1, t), metric_text(ppl, t),
                          num(t.dp_rms), pct(greedy_match(g))])
         lines += [f"### {model}", ""] + table(header, rows)
@@ -505,32 +523,32 @@ def record_command(res: Results) -> str:
     return res.prov["statistics"]["record_command"]
 
 
-def comparison_text(c: dict) -> str:
-    lo, hi = c["ci95"]
-    return (f"{c['a']} {num(c['mean_a'])} vs {c['b']} {num(c['mean_b'])}, difference {num(c['difference'])} "
-            f"[{num(lo)}, {num(hi)}], Holm p {num(c['p_holm'], '.2g')}")
+def comparison_text(c: Comparison) -> str:
+    lo, hi = c.ci95
+    return (f"{c.a} {num(c.mean_a)} vs {c.b} {num(c.mean_b)}, difference {num(c.difference)} "
+            f"[{num(lo)}, {num(hi)}], Holm p {num(c.p_holm, '.2g')}")
 
 
-def hypothesis_sentence(res: Results, hid: str, records: list[dict]) -> str:
-    figures = "; ".join(f"{r['model']}: " + "; ".join(comparison_text(c) for c in r["comparisons"]) for r in records)
-    statement = records[0]["statement"]
-    verdicts = {r["verdict"] for r in records}
+def hypothesis_sentence(res: Results, hid: str, records: list[Verdict]) -> str:
+    figures = "; ".join(f"{r.model}: " + "; ".join(comparison_text(c) for c in r.comparisons) for r in records)
+    statement = records[0].statement
+    verdicts = {r.verdict for r in records}
     if len(verdicts) == 1:
         v = verdicts.pop()
-        where = (f"on {records[0]['model']}" if len(records) == 1 else
+        where = (f"on {records[0].model}" if len(records) == 1 else
                  "on both models" if len(records) == 2 else f"on all {len(records)} models")
         text = f"**{hid}** ({statement}) {VERDICT_VERB.get(v, v)} {where}: {VERDICT_MEANING.get(v, v)} ({figures})."
     else:
-        parts = ", ".join(f"{r['verdict']} on {r['model']}" for r in records)
+        parts = ", ".join(f"{r.verdict} on {r.model}" for r in records)
         text = f"**{hid}** ({statement}) differs between models: {parts} ({figures})."
     notes = []
     for r in records:
-        if r.get("recorded") is None:
-            notes.append(f"{r['model']} has none recorded (record it with `{record_command(res)}`)")
-        elif r["recorded"] == r["verdict"]:
-            notes.append(f"{r['model']} as recorded ({r['recorded']})")
+        if r.recorded is None:
+            notes.append(f"{r.model} has none recorded (record it with `{record_command(res)}`)")
+        elif r.recorded == r.verdict:
+            notes.append(f"{r.model} as recorded ({r.recorded})")
         else:
-            notes.append(f"{r['model']} recorded {r['recorded']}, measured {r['verdict']}")
+            notes.append(f"{r.model} recorded {r.recorded}, measured {r.verdict}")
     if notes:
         text += " Recorded verdict: " + "; ".join(notes) + "."
     return text
@@ -542,21 +560,21 @@ def section_hypotheses(res: Results) -> list[str]:
         return lines + ["The results hold no verdicts.", ""]
     level = res.prov["statistics"]["family_level"]
     lines += [f"Verdicts at family-wise level {level:g} per model (Holm's correction over the model's "
-              f"{sum(len(v['comparisons']) for v in res.verdicts if v['model'] == res.verdicts[0]['model'])} "
+              f"{sum(len(v.comparisons) for v in res.verdicts if v.model == res.verdicts[0].model)} "
               "comparisons); *recorded* is the verdict recorded with the snapshots, which the tests check.", ""]
-    by_id: dict[str, dict[str, dict]] = {}
+    by_id: dict[str, dict[str, Verdict]] = {}
     for v in res.verdicts:
-        by_id.setdefault(v["hypothesis"], {})[v["model"]] = v
-    models = list(dict.fromkeys(v["model"] for v in res.verdicts))
-    rows = [[hid, cell(next(iter(per_model.values()))["statement"])]
+        by_id.setdefault(v.hypothesis, {})[v.model] = v
+    models = list(dict.fromkeys(v.model for v in res.verdicts))
+    rows = [[hid, cell(next(iter(per_model.values())).statement)]
             + [verdict_cell(per_model[m]) if m in per_model else "–" for m in models]
             for hid, per_model in by_id.items()]
     lines += table(["id", "statement"] + [model_heading(res, m) for m in models], rows)
-    rows = [[v["hypothesis"], v["model"],
-             "; ".join(f"{cell(comparison_text(c))} ({c['verdict']}, {c.get('unit', '')})" for c in v["comparisons"])]
+    rows = [[v.hypothesis, v.model,
+             "; ".join(f"{cell(comparison_text(c))} ({c.verdict}, {c.unit})" for c in v.comparisons)]
             for v in res.verdicts]
     lines += table(["id", "model", "comparisons: a mean vs b mean, difference [95 % CI], Holm-adjusted p"], rows)
-    unrecorded = sorted({v["model"] for v in res.verdicts if v.get("recorded") is None})
+    unrecorded = sorted({v.model for v in res.verdicts if v.recorded is None})
     if unrecorded:
         lines += [f"No verdicts are recorded for {', '.join(unrecorded)}: review the verdicts above, then record "
                   f"them with `{record_command(res)}` (tests/snapshots/verdicts/MODEL.json; the tests then fail when "
@@ -571,12 +589,11 @@ def model_heading(res: Results, model: str) -> str:
     return f"{model} ({res.models.get(model, {}).get('arch', 'unknown')}, {res.weight_type(model)})"
 
 
-def verdict_cell(v: dict) -> str:
+def verdict_cell(v: Verdict) -> str:
     """The measured verdict, and how it stands against the recorded one."""
-    recorded = v.get("recorded")
-    note = ("none recorded" if recorded is None else "as recorded" if recorded == v["verdict"]
-            else f"recorded {recorded}")
-    return f"**{v['verdict']}** ({note})"
+    note = ("none recorded" if v.recorded is None else "as recorded" if v.recorded == v.verdict
+            else f"recorded {v.recorded}")
+    return f"**{v.verdict}** ({note})"
 
 
 def across_sentence(res: Results, a: dict) -> str:
@@ -650,13 +667,11 @@ def section_tasks(res: Results) -> list[str]:
     rows = []
     for model in res.model_names:
         g = res.group(model, "all")
-        if g is None or not g.get("tasks"):
+        if g is None or g.tasks is None:
             continue
-        t = g["tasks"]
-        a, x, lp = t["arithmetic"], t["text"], t["answer_logprob"]
-        rows.append([model, num(a["kld_mean"]), with_ci(a["kld_ci"][0], a["kld_ci"]), num(x["kld_mean"]),
-                     with_ci(x["kld_ci"][0], x["kld_ci"]), num(lp["base_mean"]), num(lp["test_mean"]),
-                     with_ci(lp["delta_ci"][0], lp["delta_ci"])])
+        a, x, lp = g.tasks.arithmetic, g.tasks.text, g.tasks.answer_logprob
+        rows.append([model, num(a.kld_mean), with_ci(a.kld_ci), num(x.kld_mean), with_ci(x.kld_ci),
+                     num(lp.base_mean), num(lp.test_mean), with_ci(lp.delta_ci)])
     if not rows:
         return lines + ["Skipped: no group `all` with task results.", ""]
     lines += ["Group `all`: KLD on arithmetic and on text prompts (token mean, and the mean over prompts of each "
@@ -667,33 +682,33 @@ def section_tasks(res: Results) -> list[str]:
                           "Δ log-prob [CI]"], rows)
 
 
-def figure_lines(title: str, image: str, skipped: str | None, caption: str) -> list[str]:
+def figure_lines(title: str, image: str, skipped: dict[str, str | None], caption: str) -> list[str]:
+    """A section with the plot `image`, or the reason it was skipped (`skipped[image]`)."""
     lines = [f"## {title}", ""]
-    if skipped:
-        return lines + [f"Plot skipped: {skipped}.", ""]
+    if skipped[image]:
+        return lines + [f"Plot skipped: {skipped[image]}.", ""]
     return lines + [f"![{title}]({image})", "", caption, ""]
 
 
-def section_layers(res: Results, skipped: str | None) -> list[str]:
+def section_layers(res: Results, skipped: dict[str, str | None]) -> list[str]:
     caption = ("Mean KLD (95 % CI) when the ffn_norm output of one layer alone is fake-quantized, per layer and model.")
     tops = []
-    for model, t in (res.data.get("sweep_top") or {}).items():
-        verdict = ("distinguishable from the runner-up" if t["distinguishable"] else
+    for model, t in res.sweep_top.items():
+        verdict = ("distinguishable from the runner-up" if t.distinguishable else
                    "**not** distinguishable from the runner-up (the paired 95 % CI of the difference includes 0)")
-        tops.append(f"{model}: layer {t['top']} ({num(t['kld_top'])}) vs layer {t['runner_up']} "
-                    f"({num(t['kld_runner_up'])}), paired difference "
-                    f"{with_ci(t['difference_ci'][0], t['difference_ci'])}: {verdict}")
+        tops.append(f"{model}: layer {t.top} ({num(t.kld_top)}) vs layer {t.runner_up} ({num(t.kld_runner_up)}), "
+                    f"paired difference {with_ci(t.difference_ci)}: {verdict}")
     if tops:
         caption += " Highest mean KLD against the runner-up — " + "; ".join(tops) + "."
-    lines = figure_lines("Layer sensitivity", "layer_sensitivity.png", skipped, caption)
-    if skipped:
+    lines = figure_lines("Layer sensitivity", LAYERS_PNG, skipped, caption)
+    if skipped[LAYERS_PNG]:
         return lines
-    sweeps = {m: {g["layer"]: g for g in res.of_model(m, ("sweep",)) if g.get("layer") is not None}
+    sweeps = {m: {g.layer: g.tokens for g in res.of_model(m, ("sweep",)) if g.layer is not None}
               for m in res.model_names}
     sweeps = {m: s for m, s in sweeps.items() if s}
     layers = sorted({layer for s in sweeps.values() for layer in s})
-    rows = [[str(layer)] + [with_ci(s[layer]["tokens"]["kld_mean"], s[layer]["tokens"]["kld_ci"])
-                            if layer in s else "–" for s in sweeps.values()] for layer in layers]
+    rows = [[str(layer)] + [with_ci(s[layer].kld_ci, s[layer].kld_mean) if layer in s else "–"
+                            for s in sweeps.values()] for layer in layers]
     return lines + table(["layer"] + [f"{m} KLD [95 % CI]" for m in sweeps], rows)
 
 
@@ -704,46 +719,44 @@ def section_generation(res: Results) -> list[str]:
     any_rows = False
     for model in res.model_names:
         base = res.baseline(model)
-        base_entries = {(e["id"], e["sampling"]): e for e in (base or {}).get("generation") or []}
-        groups = [g for g in res.of_model(model, TABLE_KINDS) if not is_baseline(g) and g.get("generation")]
+        base_entries = {(e.id, e.sampling): e for e in (base.generation if base else None) or ()}
+        groups = [g for g in res.of_model(model, TABLE_KINDS) if not is_baseline(g) and g.generation]
         if not groups:
             continue
         any_rows = True
         lines += [f"### {model}", ""]
-        prompts = {(e["id"], e["sampling"]): e for g in [base] + groups if g for e in g.get("generation") or []}
+        prompts = {(e.id, e.sampling): e for g in [base] + groups if g for e in g.generation or ()}
         lines += table(["prompt", "kind", "sampling", "prompt text"],
-                       [[f"`{pid}`", e.get("kind", "–"), sampling, cell(e.get("prompt", "–"))]
-                        for (pid, sampling), e in prompts.items()])
+                       [[f"`{pid}`", e.kind, sampling, cell(e.prompt)] for (pid, sampling), e in prompts.items()])
         for g in groups:
             rows = []
-            for e in g["generation"]:
-                b = base_entries.get((e["id"], e["sampling"]))
-                first = e.get("first_divergence")
-                if b is not None and first is None and e.get("tokens") == b.get("tokens"):
+            for e in g.generation:
+                b = base_entries.get((e.id, e.sampling))
+                first = e.first_divergence
+                if b is not None and first is None and e.tokens == b.tokens:
                     where, text = "identical to baseline", "(identical to baseline)"
                 else:
                     where = f"first divergence at token {first}" if first is not None else "–"
-                    text = cell(e["text"])
-                rows.append([f"`{e['id']}`", e["sampling"], cell(b["text"]) if b else "(no baseline)", text, where,
-                             pct(e.get("match_rate"))])
-            lines += [f"#### `{g['group']}`: {cell(g.get('description', ''))}", ""]
-            lines += table(["prompt", "sampling", f"baseline (`{base['group'] if base else '–'}`)",
-                            f"`{g['group']}`", "divergence", "match"], rows)
+                    text = cell(e.text)
+                rows.append([f"`{e.id}`", e.sampling, cell(b.text) if b else "(no baseline)", text, where,
+                             pct(e.match_rate)])
+            lines += [f"#### `{g.group}`: {cell(g.description)}", ""]
+            lines += table(["prompt", "sampling", f"baseline (`{base.group if base else '–'}`)",
+                            f"`{g.group}`", "divergence", "match"], rows)
     if not any_rows:
         lines += ["No group besides the baseline has generation results.", ""]
     return lines
 
 
-def section_dose(res: Results, skipped: str | None) -> list[str]:
-    lines = figure_lines("Dose response", "dose_response.png", skipped,
+def section_dose(res: Results, skipped: dict[str, str | None]) -> list[str]:
+    lines = figure_lines("Dose response", DOSE_PNG, skipped,
                          "Mean KLD (95 % CI) as the ffn_norm rounding step is scaled from 0 (baseline) to 1 (full "
                          "fake quantization of every layer), on the sweep's tokens.")
-    if skipped:
+    if skipped[DOSE_PNG]:
         return lines
-    series = {m: {p["scale"]: p for p in pts} for m, pts in res.dose.items() if pts}
+    series = {m: {p.scale: p for p in pts} for m, pts in res.dose.items() if pts}
     scales = sorted({s for pts in series.values() for s in pts})
-    rows = [[f"{s:g}"] + [with_ci(pts[s]["kld_ci"][0], pts[s]["kld_ci"]) if s in pts else "–"
-                          for pts in series.values()] for s in scales]
+    rows = [[f"{s:g}"] + [with_ci(pts[s].kld_ci) if s in pts else "–" for pts in series.values()] for s in scales]
     return lines + table(["scale"] + [f"{m} KLD [95 % CI]" for m in series], rows)
 
 
@@ -751,11 +764,11 @@ def section_dose(res: Results, skipped: str | None) -> list[str]:
 
 
 PLOTS: tuple[tuple[str, Callable[[Results, Path], str | None]], ...] = (
-    ("layer_sensitivity.png", plot_layer_sensitivity),
-    ("error_accumulation.png", plot_error_accumulation),
-    ("ffn_norm_hist.png", plot_ffn_norm_hist),
-    ("groups.png", plot_groups),
-    ("dose_response.png", plot_dose_response),
+    (LAYERS_PNG, plot_layer_sensitivity),
+    (ACCUMULATION_PNG, plot_error_accumulation),
+    (HIST_PNG, plot_ffn_norm_hist),
+    (GROUPS_PNG, plot_groups),
+    (DOSE_PNG, plot_dose_response),
 )
 
 
@@ -763,7 +776,11 @@ def render(results_path: Path, out_dir: Path) -> Path:
     """Write `index.md`, the PNG plots and a copy of the results (`results.json`) into `out_dir`;
     return the path of `index.md`. A missing or malformed results file raises HarnessError."""
     results_path, out_dir = Path(results_path), Path(out_dir)
-    res = Results(load(results_path))
+    try:
+        res = Results(load(results_path))
+    except (RecordError, KeyError, TypeError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise HarnessError(f"results file {results_path} is malformed ({what})") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     copy = out_dir / "results.json"
     if not (copy.exists() and copy.resolve() == results_path.resolve()):
@@ -786,20 +803,20 @@ def render(results_path: Path, out_dir: Path) -> Path:
             ("hypotheses", lambda: section_hypotheses(res)),
             ("verdicts across models", lambda: section_across(res)),
             ("task sensitivity", lambda: section_tasks(res)),
-            ("layer sensitivity", lambda: section_layers(res, skipped["layer_sensitivity.png"])),
+            ("layer sensitivity", lambda: section_layers(res, skipped)),
             ("error accumulation", lambda: figure_lines(
-                "Error accumulation", "error_accumulation.png", skipped["error_accumulation.png"],
+                "Error accumulation", ACCUMULATION_PNG, skipped,
                 "Relative error of the residual stream after each layer (l_out-N) against the baseline, for the "
                 "groups that fake-quantize ffn_norm only: how the rounding error grows or decays through the model.")),
             ("activation distribution", lambda: figure_lines(
-                "Activation distribution", "ffn_norm_hist.png", skipped["ffn_norm_hist.png"],
+                "Activation distribution", HIST_PNG, skipped,
                 "Histograms of the ffn_norm output before and after the rounding at the first, middle and last layer, "
                 "with the fraction of values the rounding changed.")),
             ("group comparison", lambda: figure_lines(
-                "Group comparison", "groups.png", skipped["groups.png"],
+                "Group comparison", GROUPS_PNG, skipped,
                 "Mean KLD, top-1 agreement and perplexity ratio (95 % CI) of every design group, with the logits-only "
                 "control in red.")),
-            ("dose response", lambda: section_dose(res, skipped["dose_response.png"])),
+            ("dose response", lambda: section_dose(res, skipped)),
             ("generation", lambda: section_generation(res)),
         ]:
             log(f"section {current}")

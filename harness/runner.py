@@ -221,7 +221,7 @@ class ModelSession:
     # one group ------------------------------------------------------------------------------
 
     def result_key(self, group_id: str) -> dict[str, str]:
-        return dict(self.key, group=json.dumps(asdict(self.groups[group_id]), sort_keys=True))
+        return dict(self.key, group=self.groups[group_id].key())
 
     def result_dir(self, group_id: str) -> Path:
         return cache_root() / "results" / self.entry_name(self.result_key(group_id), group_id)

@@ -17,6 +17,7 @@ import platform
 import shlex
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from harness.cache import cache_root, cpu_model
 from harness.corpus import CORPUS_ENV
 from harness.metrics import METRICS
 from harness.models import USER_MODEL_ENV
+from harness.records import Blocks, Comparison, DosePoint, Estimate, GroupRecord, SweepTop, Tasks, Verdict
 
 RESULTS_ENV = "FQ_RESULTS"
 DEFAULT_RESULTS = Path("report") / "results.json"
@@ -46,10 +48,10 @@ GroupData = Callable[[str], tuple[dict, dict[str, np.ndarray]]]  # group id -> (
 
 
 def family(model: str, data: GroupData, seed: int = intervals.SEED,
-           resamples: int = intervals.RESAMPLES) -> list[dict]:
+           resamples: int = intervals.RESAMPLES) -> list[Verdict]:
     """The verdict of every hypothesis on one model, decided together (Holm over all their
     comparisons), each with the figures that decided it."""
-    rows = []  # (hypothesis, comparison dict without verdict)
+    rows = []  # (hypothesis, the comparison's fields but p_holm and verdict)
     for k, (hypothesis, (a, b)) in enumerate((h, pair) for h in matrix.HYPOTHESES for pair in h.comparisons):
         rec_a, arr_a = data(a)
         if hypothesis.task:
@@ -62,25 +64,22 @@ def family(model: str, data: GroupData, seed: int = intervals.SEED,
             ci = intervals.paired_ci(arr_a["kld"], arr_b["kld"], seed=[seed, k], resamples=resamples)
             c = {"a": a, "b": b, "unit": f"per-token KLD ({len(arr_a['kld'])} tokens, paired)",
                  "mean_a": rec_a["tokens"]["kld_mean"], "mean_b": rec_b["tokens"]["kld_mean"]}
-        rows.append((hypothesis, dict(c, difference=ci.estimate, ci95=[ci.lo, ci.hi], block=ci.block, p=ci.p)))
+        rows.append((hypothesis, dict(c, difference=ci.estimate, ci95=(ci.lo, ci.hi), block=ci.block, p=ci.p)))
     adjusted = intervals.holm([c["p"] for _, c in rows])
     out = []
     for hypothesis in matrix.HYPOTHESES:
-        comparisons = []
-        for (h, c), p_holm in zip(rows, adjusted):
-            if h is hypothesis:
-                comparisons.append(dict(c, p_holm=p_holm, verdict=intervals.decide(c["difference"], p_holm).value))
-        out.append({"hypothesis": hypothesis.id, "model": model, "statement": hypothesis.statement,
-                    "comparisons": comparisons,
-                    "verdict": intervals.combine([c["verdict"] for c in comparisons]).value})
+        comparisons = tuple(Comparison(**c, p_holm=p_holm, verdict=intervals.decide(c["difference"], p_holm).value)
+                            for (h, c), p_holm in zip(rows, adjusted) if h is hypothesis)
+        out.append(Verdict(hypothesis.id, model, hypothesis.statement, comparisons,
+                           intervals.combine([c.verdict for c in comparisons]).value))
     return out
 
 
-def figures(verdict: dict) -> str:
+def figures(verdict: Verdict) -> str:
     """One line with the measured figures, for test messages, recorded verdicts and the report."""
-    return "; ".join(f"{c['a']} {c['mean_a']:.4g} vs {c['b']} {c['mean_b']:.4g}: difference {c['difference']:.3g} "
-                     f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}] Holm p {c['p_holm']:.2g} {c['verdict']}"
-                     for c in verdict["comparisons"])
+    return "; ".join(f"{c.a} {c.mean_a:.4g} vs {c.b} {c.mean_b:.4g}: difference {c.difference:.3g} "
+                     f"[{c.ci95[0]:.3g}, {c.ci95[1]:.3g}] Holm p {c.p_holm:.2g} {c.verdict}"
+                     for c in verdict.comparisons)
 
 
 # recorded verdicts ---------------------------------------------------------------------------
@@ -101,14 +100,14 @@ def recorded_verdicts(label: str) -> dict[str, dict]:
         raise ValueError(f"recorded verdicts {path} are malformed ({exc}): re-record with {record_command()}") from None
 
 
-def record_verdict(label: str, verdict: dict, build_key: str) -> None:
+def record_verdict(label: str, verdict: Verdict, build_key: str) -> None:
     """Write one measured verdict into the model's record (read-modify-write under a lock, so
     parallel workers recording different hypotheses lose nothing)."""
     path = recorded_path(label)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_root() / f"recorded-verdicts-{label}.lock")):
         verdicts = recorded_verdicts(label)
-        verdicts[verdict["hypothesis"]] = {"verdict": verdict["verdict"], "figures": figures(verdict),
+        verdicts[verdict.hypothesis] = {"verdict": verdict.verdict, "figures": figures(verdict),
                                            "build": build_key}
         data = {"model": label, "family_level": intervals.FAMILY_LEVEL,
                 "verdicts": dict(sorted(verdicts.items()))}
@@ -163,47 +162,46 @@ def across_models(models: Mapping[str, Mapping[str, str]], recorded: Mapping[str
 # intervals of single groups -------------------------------------------------------------------
 
 def with_intervals(record: dict, arrays: dict[str, np.ndarray], seed: int = intervals.SEED) -> dict:
-    """The group's record with its 95 % CIs ([estimate, lo, hi]) and the block lengths used:
-    KLD, top-1 agreement and ln PPL ratio over tokens (circular blocks), and for the H5 prompts
-    per-prompt means (independent)."""
-    out = json.loads(json.dumps(record))
-    tokens = out["tokens"]
+    """The group's record with its 95 % CIs and the block lengths used: the METRICS over tokens
+    (circular blocks), and for the H5 prompts per-prompt means (independent)."""
+    rec = GroupRecord.from_json(record)
     cis = {m: intervals.mean_ci(m.per_token(arrays), seed=[seed, i]) for i, m in enumerate(METRICS)}
-    tokens.update({m.interval: ci.triple() for m, ci in cis.items()})
-    tokens["blocks"] = {m.block: ci.block for m, ci in cis.items()}
-    if "tasks" in out:
+    tokens = replace(rec.tokens, **{m.interval: Estimate(*ci.triple()) for m, ci in cis.items()},
+                     blocks=Blocks(**{m.block: ci.block for m, ci in cis.items()}))
+    tasks = rec.tasks
+    if tasks is not None:
+        kinds = {}
         for i, kind in enumerate(("arithmetic", "text")):
             per_prompt = arrays[f"task_kld_{kind}"]
-            out["tasks"][kind].update(n_prompts=len(per_prompt),
-                                      kld_ci=intervals.mean_ci(per_prompt, block=1, seed=[seed, 3 + i]).triple())
-        delta = arrays["answer_logprob_delta"]
-        out["tasks"]["answer_logprob"]["delta_ci"] = intervals.mean_ci(delta, block=1, seed=[seed, 5]).triple()
-    return out
+            kinds[kind] = replace(getattr(tasks, kind), n_prompts=len(per_prompt), kld_ci=Estimate(
+                *intervals.mean_ci(per_prompt, block=1, seed=[seed, 3 + i]).triple()))
+        delta = intervals.mean_ci(arrays["answer_logprob_delta"], block=1, seed=[seed, 5])
+        tasks = Tasks(**kinds, answer_logprob=replace(tasks.answer_logprob, delta_ci=Estimate(*delta.triple())))
+    return replace(rec, tokens=tokens, tasks=tasks).to_json()
 
 
-def sweep_top(data: GroupData, n_layer: int, seed: int = intervals.SEED) -> dict:
+def sweep_top(data: GroupData, n_layer: int, seed: int = intervals.SEED) -> SweepTop:
     """The most sensitive layer of the per-layer sweep against the runner-up: the paired
     interval of their per-token KLD difference (same tokens) and whether it excludes 0."""
-    means = {il: data(f"layer{il:02d}")[0]["tokens"]["kld_mean"] for il in range(n_layer)}
+    means = {il: data(matrix.layer_id(il))[0]["tokens"]["kld_mean"] for il in range(n_layer)}
     top, runner_up = sorted(means, key=lambda il: -means[il])[:2]
-    ci = intervals.paired_ci(data(f"layer{top:02d}")[1]["kld"], data(f"layer{runner_up:02d}")[1]["kld"],
+    ci = intervals.paired_ci(data(matrix.layer_id(top))[1]["kld"], data(matrix.layer_id(runner_up))[1]["kld"],
                              seed=[seed, 6])
-    return {"top": top, "runner_up": runner_up, "kld_top": means[top], "kld_runner_up": means[runner_up],
-            "difference_ci": ci.triple(), "block": ci.block, "p": ci.p, "distinguishable": ci.lo > 0}
+    return SweepTop(top, runner_up, means[top], means[runner_up], Estimate(*ci.triple()), ci.block, ci.p, ci.lo > 0)
 
 
-def dose_response(data: GroupData, seed: int = intervals.SEED) -> list[dict]:
+def dose_response(data: GroupData, seed: int = intervals.SEED) -> list[DosePoint]:
     """Mean KLD (95 % CI) against the scale of ffn_norm bf16 fake quantization on the sweep
     slice: 0 is the baseline, 1 the `all` group restricted to the same tokens."""
-    points = [{"scale": 0.0, "kld_ci": [0.0, 0.0, 0.0]}]
+    points = [DosePoint(0.0, Estimate(0.0, 0.0, 0.0))]
     n = None
     for k, scale in enumerate(matrix.SCALES):
         record, arrays = data(matrix.scale_id(scale))
         n = len(arrays["kld"])
         ci = intervals.mean_ci(arrays["kld"], seed=[seed, 7 + k])
-        points.append({"scale": record["scale"], "kld_ci": ci.triple()})
+        points.append(DosePoint(record["scale"], Estimate(*ci.triple())))
     full = data("all")[1]["kld"][:n]
-    points.append({"scale": 1.0, "kld_ci": intervals.mean_ci(full, seed=[seed, 7 + len(matrix.SCALES)]).triple()})
+    points.append(DosePoint(1.0, Estimate(*intervals.mean_ci(full, seed=[seed, 7 + len(matrix.SCALES)]).triple())))
     return points
 
 
@@ -229,12 +227,13 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
         chosen = [g for g in session.groups if group_ids is None or g in group_ids]
         groups += [with_intervals(*session.run(group_id)) for group_id in chosen]
         if all(g in chosen for h in matrix.HYPOTHESES for pair in h.comparisons for g in pair):
-            verdicts += [dict(v, recorded=recorded[name].get(v["hypothesis"])) for v in family(name, session.run)]
+            verdicts += [replace(v, recorded=recorded[name].get(v.hypothesis)).to_json()
+                         for v in family(name, session.run)]
         if all(g in chosen for g in ("all", *map(matrix.scale_id, matrix.SCALES))):
-            dose[name] = dose_response(session.run)
-        layers = [f"layer{il:02d}" for il in range(session.model.n_layer)]
+            dose[name] = [p.to_json() for p in dose_response(session.run)]
+        layers = [matrix.layer_id(il) for il in range(session.model.n_layer)]
         if len(layers) >= 2 and all(g in chosen for g in layers):
-            sweeps[name] = sweep_top(session.run, session.model.n_layer)
+            sweeps[name] = sweep_top(session.run, session.model.n_layer).to_json()
     compute = sum(g["timing"]["compute_s"] for g in groups)
     wall = sum(g["timing"]["wall_s"] for g in groups)
     results = {

@@ -20,6 +20,7 @@ import pytest
 from harness.atlas import ModelAtlas, ModelFacts, Point, advise, model_atlas, provenance
 from harness.atlas_report import render_atlas
 from harness.intervals import paired_ci
+from harness.records import Held, MeasuredPoint
 
 pytestmark = pytest.mark.native
 
@@ -116,22 +117,23 @@ def test_advised_set_stays_within_the_budget(session, build):
     """The advised set's measured mean KLD, with its 95 % upper bound, is at most the budget. The
     candidates are the small atlas's (attn_norm and ffn_norm at layers 0 and 29) to stay fast."""
     a = advise(session, "bf16", BUDGET, POSITIONS, LAYERS, CHUNKS)
-    assert a["candidates"] == 4 and 0 < len(a["sites"]) < 4, a["sites"]
-    assert a["predicted"] <= BUDGET
-    m = a["measured"]
-    assert m["sites"] == len(a["sites"])  # every chosen site is one tensor of the graph
-    mean, lo, hi = m["kld_ci"]
+    assert a.candidates == 4 and 0 < len(a.sites) < 4, a.sites
+    assert a.predicted <= BUDGET
+    m = a.measured
+    assert isinstance(m, MeasuredPoint) and m.kld is None  # a summary, as atlas.json keeps points
+    assert m.sites == len(a.sites)  # every chosen site is one tensor of the graph
+    mean, lo, hi = m.kld_ci.to_json()
     assert hi <= BUDGET, (f"budget {BUDGET:g} exceeded: measured {mean:.3g} [{lo:.3g}, {hi:.3g}], predicted "
-                          f"{a['predicted']:.3g}, prediction error {a['prediction_error']:+.3g}")
-    assert a["held"] == {"mean": True, "upper": True}
+                          f"{a.predicted:.3g}, prediction error {a.prediction_error:+.3g}")
+    assert a.held == Held(mean=True, upper=True)
     # the printed flags reach the same tensors in the llama.cpp tools (libllama logs the site count)
-    result = subprocess.run([str(build.tool("llama-completion")), "-m", a["model_path"], *a["flags"].split(),
+    result = subprocess.run([str(build.tool("llama-completion")), "-m", a.model_path, *a.flags.split(),
                              "-p", "Hello", "-n", "1", "-no-cnv", "-lv", "4"],
                             capture_output=True, text=True, errors="replace", timeout=120, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr[-2000:]
     counts = [int(line.rsplit(": ", 1)[1].split()[0]) for line in result.stderr.splitlines()
               if "fake_quant_add: fake-quantizing" in line]
-    assert counts and counts[-1] == len(a["sites"]), result.stderr[-2000:]
+    assert counts and counts[-1] == len(a.sites), result.stderr[-2000:]
 
 
 def test_advise_cli_output_and_errors(capsys):

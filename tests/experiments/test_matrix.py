@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from harness import matrix
+from harness.records import Verdict
 from harness.reference import parse_layers
 from harness.verdicts import family, figures, record_command, record_verdict, recorded_path, recorded_verdicts
 
@@ -77,8 +78,8 @@ def test_hypothesis(families, build, request, ci, hypothesis_id, model):
     recorded "holds" is asserted; any other recorded verdict is a strict xfail whose only failing
     assertion is the hypothesis itself. --snapshot-update records the measured verdict."""
     label = LABELS[model]
-    verdict = next(v for v in families[model] if v["hypothesis"] == hypothesis_id)
-    measured = verdict["verdict"]
+    verdict = next(v for v in families[model] if v.hypothesis == hypothesis_id)
+    measured = verdict.verdict
     if request.config.option.update_snapshots:
         record_verdict(label, verdict, build.fingerprint["key"])
     recorded = recorded_verdicts(label).get(hypothesis_id)
@@ -93,17 +94,17 @@ def test_hypothesis(families, build, request, ci, hypothesis_id, model):
         f"measured {measured} ({figures(verdict)})")
     if measured != "holds":
         request.applymarker(pytest.mark.xfail(strict=True, reason=f"{measured}: {figures(verdict)}"))
-    assert measured == "holds", f"{verdict['statement']}: {figures(verdict)}"
+    assert measured == "holds", f"{verdict.statement}: {figures(verdict)}"
 
 
 @pytest.mark.parametrize("model", sorted(MODELS), ids=[LABELS[m] for m in sorted(MODELS)])
 def test_verdict_table(families, snapshot_json, model):
     """Every verdict with its figures (3 significant digits) as one snapshot per model."""
-    table = [{"hypothesis": v["hypothesis"], "statement": v["statement"], "verdict": v["verdict"],
-              "comparisons": [{"a": c["a"], "b": c["b"], "mean_a": f"{c['mean_a']:.3g}", "mean_b": f"{c['mean_b']:.3g}",
-                               "difference": f"{c['difference']:.3g}", "ci95": [f"{x:.3g}" for x in c["ci95"]],
-                               "block": c["block"], "p_holm": f"{c['p_holm']:.2g}", "verdict": c["verdict"]}
-                              for c in v["comparisons"]]}
+    table = [{"hypothesis": v.hypothesis, "statement": v.statement, "verdict": v.verdict,
+              "comparisons": [{"a": c.a, "b": c.b, "mean_a": f"{c.mean_a:.3g}", "mean_b": f"{c.mean_b:.3g}",
+                               "difference": f"{c.difference:.3g}", "ci95": [f"{x:.3g}" for x in c.ci95],
+                               "block": c.block, "p_holm": f"{c.p_holm:.2g}", "verdict": c.verdict}
+                              for c in v.comparisons]}
              for v in families[model]]
     snapshot_json(table, model)
 
@@ -111,8 +112,8 @@ def test_verdict_table(families, snapshot_json, model):
 @pytest.mark.parametrize("model", sorted(MODELS), ids=[LABELS[m] for m in sorted(MODELS)])
 def test_verdicts_do_not_depend_on_the_seed(sessions, families, model):
     """The verdict table (every comparison's verdict) is the same for five bootstrap seeds."""
-    def table(verdicts: list[dict]) -> list[tuple]:
-        return [(v["hypothesis"], v["verdict"], tuple(c["verdict"] for c in v["comparisons"])) for v in verdicts]
+    def table(verdicts: list[Verdict]) -> list[tuple]:
+        return [(v.hypothesis, v.verdict, tuple(c.verdict for c in v.comparisons)) for v in verdicts]
 
     reference = table(families[model])
     for seed in SEEDS:

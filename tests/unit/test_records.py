@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from harness.records import (Estimate, GroupRecord, MeasuredPoint, NonFinitePoint, RecordError, SkippedPoint,
-                             point_from_json, round_trip_cache, same_json)
+from harness import matrix
+from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, MeasuredPoint, NonFinitePoint, RecordError,
+                             SkippedPoint, SweepTop, Verdict, point_from_json, round_trip_cache, same_json)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -24,6 +26,34 @@ def test_results_groups_round_trip():
     bare = dict(groups[0], tokens={k: v for k, v in groups[0]["tokens"].items() if not k.endswith("_ci")
                                    and k != "blocks"})
     assert GroupRecord.from_json(bare).tokens.kld_ci is None and same_json(GroupRecord.from_json(bare).to_json(), bare)
+
+
+def test_results_analysis_round_trips():
+    """The verdicts, dose response and sweep tops of the small results file load as Verdict,
+    DosePoint and SweepTop and write back identical."""
+    data = json.loads((FIXTURES / "results_small.json").read_text())
+    for v in data["verdicts"]:
+        typed = Verdict.from_json(v)
+        assert same_json(typed.to_json(), v) and all(isinstance(c, Comparison) for c in typed.comparisons)
+    for points in data["dose_response"].values():
+        assert all(same_json(DosePoint.from_json(p).to_json(), p) for p in points)
+    for top in data["sweep_top"].values():
+        assert same_json(SweepTop.from_json(top).to_json(), top)
+    with pytest.raises(RecordError, match="has no field 'p_adjusted'"):
+        Comparison.from_json(dict(data["verdicts"][0]["comparisons"][0], p_adjusted=0.1))
+
+
+@pytest.mark.parametrize("n_layer", [18, 30])
+def test_sweep_groups_carry_their_layer(n_layer):
+    """Group.layer is the layer the sweep group's rule names, and the group's id; the cache key leaves
+    the field out (the rules name the layer), so adding it changed no cached group's key."""
+    for g in matrix.groups(n_layer):
+        if g.kind == "sweep":
+            assert (g.rules[0].layers, g.id) == (str(g.layer), matrix.layer_id(g.layer))
+        else:
+            assert g.layer is None
+        assert json.loads(g.key()) == {k: v for k, v in json.loads(json.dumps(asdict(g))).items() if k != "layer"}
+    assert [g.layer for g in matrix.groups(n_layer) if g.kind == "sweep"] == list(range(n_layer))
 
 
 def test_atlas_points_are_three_types():

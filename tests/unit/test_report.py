@@ -430,6 +430,14 @@ def test_group_without_a_needed_key(tmp_path: Path, data: dict) -> None:
     assert str(path) in str(info.value)
 
 
+def test_verdict_with_an_unknown_key(tmp_path: Path, data: dict) -> None:
+    broken = copy.deepcopy(data)
+    broken["verdicts"][1]["comparisons"][0]["p_adjusted"] = 0.1
+    path = write(tmp_path, broken)
+    with pytest.raises(HarnessError, match=r"verdicts\[1\]\.comparisons\[0\]: Comparison has no field 'p_adjusted'"):
+        render(path, tmp_path / "out")
+
+
 def test_not_json(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     path.write_text("{ not json")

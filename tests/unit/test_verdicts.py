@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from harness import verdicts
+from harness.records import Verdict
 
 N = 2000
 
@@ -27,21 +28,23 @@ def fake_data(kld_means: dict[str, float], noise: float = 1e-4, tasks: tuple[flo
     return store.__getitem__
 
 
-def by_id(family: list[dict]) -> dict[str, dict]:
-    return {v["hypothesis"]: v for v in family}
+def by_id(family: list[Verdict]) -> dict[str, Verdict]:
+    return {v.hypothesis: v for v in family}
 
 
 def test_family_verdicts_follow_the_data():
     data = fake_data({"all": 0.01, "logits": 0.001, "first5": 0.002, "last5": 0.004, "all_f16": 0.01},
                      tasks=(1.0, 1.2))
     got = by_id(verdicts.family("m", data, resamples=2000))
-    assert got["H1"]["verdict"] == "holds"          # all > logits
-    assert got["H2"]["verdict"] == "refuted"        # first5 < last5
-    assert got["H3"]["verdict"] == "holds"          # all > first5 and all > last5
-    assert got["H4"]["verdict"] == "inconclusive"   # all == all_f16
-    assert got["H5"]["verdict"] == "refuted"        # arithmetic < text
-    assert got["H5"]["comparisons"][0]["block"] == 1 and "100 vs 100 prompts" in got["H5"]["comparisons"][0]["unit"]
-    assert all(c["p_holm"] >= c["p"] for v in got.values() for c in v["comparisons"])
+    assert got["H1"].verdict == "holds"          # all > logits
+    assert got["H2"].verdict == "refuted"        # first5 < last5
+    assert got["H3"].verdict == "holds"          # all > first5 and all > last5
+    assert got["H4"].verdict == "inconclusive"   # all == all_f16
+    assert got["H5"].verdict == "refuted"        # arithmetic < text
+    assert got["H5"].comparisons[0].block == 1 and "100 vs 100 prompts" in got["H5"].comparisons[0].unit
+    assert all(c.p_holm >= c.p for v in got.values() for c in v.comparisons)
+    # results.json holds them as JSON, read back to the same records
+    assert all(Verdict.from_json(json.loads(json.dumps(v.to_json()))) == v for v in got.values())
 
 
 def test_holm_makes_a_marginal_comparison_inconclusive():
@@ -57,19 +60,19 @@ def test_holm_makes_a_marginal_comparison_inconclusive():
             return data(gid)
         return record, dict(arrays, kld=data("all")[1]["kld"] - marginal)
 
-    h1 = by_id(verdicts.family("m", patched, resamples=2000))["H1"]["comparisons"][0]
-    assert h1["p"] < 0.05 <= h1["p_holm"] and h1["verdict"] == "inconclusive"
+    h1 = by_id(verdicts.family("m", patched, resamples=2000))["H1"].comparisons[0]
+    assert h1.p < 0.05 <= h1.p_holm and h1.verdict == "inconclusive"
 
 
 def test_sweep_top_against_the_runner_up():
     clear = fake_data({"layer00": 0.001, "layer01": 0.005, "layer02": 0.002})
     top = verdicts.sweep_top(clear, 3)
-    assert (top["top"], top["runner_up"], top["distinguishable"]) == (1, 2, True)
+    assert (top.top, top.runner_up, top.distinguishable) == (1, 2, True)
     x = np.random.default_rng(3).exponential(1e-3, N)
     tie = {"layer00": x, "layer01": np.random.default_rng(4).permutation(x), "layer02": x * 0.1}
     close = verdicts.sweep_top(lambda gid: ({"tokens": {"kld_mean": float(tie[gid].mean())}}, {"kld": tie[gid]}), 3)
-    assert {close["top"], close["runner_up"]} == {0, 1} and close["distinguishable"] is False
-    assert close["difference_ci"][1] < 0 < close["difference_ci"][2]
+    assert {close.top, close.runner_up} == {0, 1} and close.distinguishable is False
+    assert close.difference_ci.lo < 0 < close.difference_ci.hi
 
 
 def test_recorded_verdicts_round_trip_in_parallel(tmp_path, monkeypatch):
@@ -81,7 +84,7 @@ def test_recorded_verdicts_round_trip_in_parallel(tmp_path, monkeypatch):
     with ThreadPoolExecutor(5) as pool:
         list(pool.map(lambda v: verdicts.record_verdict("m", v, "buildkey"), fam))
     got = verdicts.recorded_verdicts("m")
-    assert {h: r["verdict"] for h, r in got.items()} == {v["hypothesis"]: v["verdict"] for v in fam}
+    assert {h: r["verdict"] for h, r in got.items()} == {v.hypothesis: v.verdict for v in fam}
     assert got["H1"]["build"] == "buildkey" and "Holm p" in got["H1"]["figures"]
     assert json.loads((tmp_path / "verdicts" / "m.json").read_text())["family_level"] == 0.05
 
