@@ -250,8 +250,7 @@ def _advise(args: argparse.Namespace) -> str:
                      + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a.non_finite))
     if not a.sites:
         return "\n".join(lines + [f"no site fits: the smallest single-site KLD is {num(a.smallest)}"])
-    m, held = a.measured, a.held
-    verdict = "held" if held.upper else "held by the mean only" if held.mean else "NOT held"
+    m = a.measured
     measured = (f"measured: {non_finite_text(m)}" if isinstance(m, NonFinitePoint) else
                 f"measured KLD: {with_ci(m.kld_ci)} (95 % CI, {m.tokens.n_tokens} "
                 f"tokens, {m.chunks} chunk{'s' * (m.chunks != 1)}); measured - predicted = {num(a.prediction_error)}")
@@ -259,8 +258,7 @@ def _advise(args: argparse.Namespace) -> str:
         "sites: " + ", ".join(f"{p}" + ("" if il is None else f"@{il}") for p, il in a.sites),
         f"predicted KLD (sum of single-site means): {num(a.predicted)}",
         measured,
-        f"budget {verdict} (mean {'<=' if held.mean else '>'} budget, upper bound "
-        f"{'<=' if held.upper else '>'} budget)",
+        f"budget {num(a.budget)}: {a.held.verdict}",
         f"llama-completion -m {a.model_path} {a.flags} -p PROMPT",
         f"llama-perplexity -m {a.model_path} {a.flags} -f TEXT",
     ]

@@ -584,6 +584,6 @@ def advise_atlas(atlas: ModelAtlas, fmt: str, budget: float, positions: Sequence
     progress(f"{atlas.facts.name}: measuring the advised set ({len(sites)} sites)")
     run = point_from_json(summary(atlas.measure_set(rules)))
     if isinstance(run, NonFinitePoint):  # each site alone was finite, together they are not: the budget did not hold
-        return replace(advice, measured=run, held=Held(False, False))
-    return replace(advice, measured=run, held=Held(run.kld_ci.estimate <= budget, run.kld_ci.hi <= budget),
+        return replace(advice, measured=run, held=Held(False, False, False))
+    return replace(advice, measured=run, held=Held.of(run.kld_ci, budget),
                    prediction_error=run.kld_ci.estimate - advice.predicted)

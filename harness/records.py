@@ -340,10 +340,25 @@ Site = tuple[str, int | None]  # (position, layer); layer None for a position of
 
 @dataclass(frozen=True)
 class Held:
-    """Whether the advised set's measured KLD stayed within the budget: its mean, its upper bound."""
+    """Where the advised set's measured KLD lies against the budget: its lower bound, mean and upper bound
+    each at most the budget or not. The interval decides: within it (upper bound), over it (lower bound
+    above), or undecided (the interval straddles the budget; the mean says on which side it leans)."""
 
+    lower: bool
     mean: bool
     upper: bool
+
+    @classmethod
+    def of(cls, kld: Estimate, budget: float) -> Held:
+        return cls(kld.lo <= budget, kld.estimate <= budget, kld.hi <= budget)
+
+    @property
+    def verdict(self) -> str:
+        if self.upper:
+            return "held (the upper bound is within the budget)"
+        if not self.lower:
+            return "exceeded (the lower bound is above the budget)"
+        return f"undecided (the interval straddles the budget; the mean is {'within' if self.mean else 'above'} it)"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from harness import matrix
-from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, MeasuredPoint, NonFinitePoint, RecordError,
+from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, Held, MeasuredPoint, NonFinitePoint, RecordError,
                              SkippedPoint, SweepTop, Verdict, point_from_json, round_trip_cache, same_json)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -98,3 +98,16 @@ def test_baseline_files_are_named_in_one_place(tmp_path):
                                                           "task012.npy"]
     assert files.chunk(3).sum() == 8 and files.task(12).shape == (1, 4)
     assert files.generation() == {"design": [1, 2]} and files.tensors()["l_out-0"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("budget, verdict", [
+    (0.5, "exceeded"), (1.0, "undecided"), (1.5, "undecided"), (2.0, "undecided"),  # a bound equal to the
+    (2.5, "undecided"), (3.0, "held"), (4.0, "held"),                              # budget is within it
+])
+def test_the_budget_verdict_comes_from_the_interval(budget, verdict):
+    """Every place of the budget against a measured KLD of 2 [1, 3]: below the interval, at each bound,
+    inside it on either side of the mean, above it."""
+    held = Held.of(Estimate(2.0, 1.0, 3.0), budget)
+    assert held.verdict.startswith(verdict), (budget, held)
+    if verdict == "undecided":
+        assert ("mean is within" in held.verdict) == (budget >= 2.0)
