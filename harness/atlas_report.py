@@ -143,13 +143,12 @@ def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> 
     ref = kld(v.reference())
     if ref is not None:
         above = np.argwhere(np.nan_to_num(grid) > ref)
-        ax.scatter(above[:, 1], above[:, 0], marker="x", s=14, c="red", lw=0.8,
-                   label=f"mean KLD above the reference, {v.ref_position} {v.ref_fmt} ({ref:.2g})")
-        if len(above):
-            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, frameon=False)
+        ax.scatter(above[:, 1], above[:, 0], marker="x", s=14, c="red", lw=0.8)
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
     ax.set_xticks(range(0, v.n_layer, max(1, v.n_layer // 15)))
-    ax.set_xlabel("layer (fake-quantized alone)")
+    # the marks' key in the axis label, which the layout keeps clear of the ticks (a legend below overlapped it)
+    marks = "" if ref is None else f"\nred ×: mean KLD above the reference, {v.ref_position} {v.ref_fmt} ({ref:.2g})"
+    ax.set_xlabel(f"layer (fake-quantized alone){marks}", fontsize=9)
     fig.colorbar(image, ax=ax, extend="both" if overflowed else "min", label="mean KLD vs baseline (nats, log scale)")
     black = ", black: non-finite logits" if overflowed else ""
     ax.set_title(f"{v.label}: {fmt} at one position and layer (white: not measured, grey: KLD ≤ 0{black})",
@@ -158,9 +157,22 @@ def plot_heatmap(v: View, fmt: str, limits: tuple[float, float], path: Path) -> 
     return None
 
 
-def ranked(v: View) -> list[str]:
-    """Positions by their all-layers bf16 KLD, most harmful first (those without one last)."""
-    return sorted(v.names, key=lambda p: (kld(v.get(p, "bf16")) is None, -(kld(v.get(p, "bf16")) or 0.0), p))
+def lead_format(views: Sequence[View]) -> str:
+    """The format positions are ranked and models compared by: the one with the most all-layers points at
+    the in-layer positions of these models, bf16 among equals (an atlas of other formats still ranks its
+    positions, rather than by the one bf16 point it always has, the reference)."""
+    counts: dict[str, int] = {}
+    for v in views:
+        for f in v.formats():
+            counts[f] = counts.get(f, 0) + sum(1 for p in v.layered if kld(v.get(p, f)) is not None)
+    return max(counts, key=lambda f: (counts[f], f == "bf16"), default="bf16")
+
+
+def ranked(v: View, fmt: str | None = None) -> list[str]:
+    """Positions by their all-layers KLD in `fmt` (default: the lead format), most harmful first (those
+    without one last)."""
+    fmt = fmt or lead_format([v])
+    return sorted(v.names, key=lambda p: (kld(v.get(p, fmt)) is None, -(kld(v.get(p, fmt)) or 0.0), p))
 
 
 def plot_ranking(v: View, path: Path) -> str | None:
@@ -189,7 +201,7 @@ def plot_ranking(v: View, path: Path) -> str | None:
     ax.set_yscale("log")
     ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("mean KLD vs baseline (95 % CI)")
-    title = f"{v.label}: positions ranked by all-layers bf16 KLD"
+    title = f"{v.label}: positions ranked by all-layers {lead_format([v])} KLD"
     dropped += [f"{r.point.position} {r.point.fmt} (non-finite)" for r in v.non_finite()
                 if r.point.layer is None and r.point.position in order]
     if dropped:
@@ -432,35 +444,36 @@ def section_between(views: Sequence[View]) -> list[str]:
                 else f"{archs} (same weights, {a.m['weight_type']})" if a.m["weight_type"] == b.m["weight_type"]
                 else f"{archs}, {weights}")
         lines += [f"### {a.label} vs {b.label}: {what}", ""]
-        common = [p for p in a.names if p in b.names and kld(a.get(p, "bf16")) and kld(b.get(p, "bf16"))]
+        fmt = lead_format([a, b])
+        common = [p for p in a.names if p in b.names and kld(a.get(p, fmt)) and kld(b.get(p, fmt))]
         only = sorted(set(a.names) ^ set(b.names))
         if only:
             lines += [f"Positions in one model only: {', '.join(f'`{p}`' for p in only)}.", ""]
         if not common:
-            lines += ["No position has an all-layers bf16 point in both models.", ""]
+            lines += [f"No position has an all-layers {fmt} point in both models.", ""]
             continue
-        ratios = {p: kld(a.get(p, "bf16")) / kld(b.get(p, "bf16")) for p in common}
+        ratios = {p: kld(a.get(p, fmt)) / kld(b.get(p, fmt)) for p in common}
         lo, hi = min(ratios, key=ratios.get), max(ratios, key=ratios.get)
-        rho = spearman([kld(a.get(p, "bf16")) for p in common], [kld(b.get(p, "bf16")) for p in common])
+        rho = spearman([kld(a.get(p, fmt)) for p in common], [kld(b.get(p, fmt)) for p in common])
         pairs = [(p, il) for p in a.layered if p in b.layered for il in range(min(a.n_layer, b.n_layer))
-                 if a.get(p, "bf16", il) and b.get(p, "bf16", il)]
-        rho_sites = spearman([kld(a.get(p, "bf16", il)) for p, il in pairs],
-                             [kld(b.get(p, "bf16", il)) for p, il in pairs])
-        top_a = max(a.singles("bf16"), key=lambda r: r.kld_ci.estimate, default=None)
-        top_b = max(b.singles("bf16"), key=lambda r: r.kld_ci.estimate, default=None)
-        lines += [f"- All-layers bf16 KLD, {a.label} / {b.label}, over {len(common)} common positions: median "
+                 if a.get(p, fmt, il) and b.get(p, fmt, il)]
+        rho_sites = spearman([kld(a.get(p, fmt, il)) for p, il in pairs],
+                             [kld(b.get(p, fmt, il)) for p, il in pairs])
+        top_a = max(a.singles(fmt), key=lambda r: r.kld_ci.estimate, default=None)
+        top_b = max(b.singles(fmt), key=lambda r: r.kld_ci.estimate, default=None)
+        lines += [f"- All-layers {fmt} KLD, {a.label} / {b.label}, over {len(common)} common positions: median "
                   f"{num(float(np.median(list(ratios.values()))))}, from {num(ratios[lo])} (`{lo}`) to "
                   f"{num(ratios[hi])} (`{hi}`).",
-                  f"- Rank agreement (Spearman ρ) of the positions' all-layers bf16 KLDs: {num(rho, '.2f')}; of the "
-                  f"single (position, layer) bf16 KLDs both measured ({len(pairs)}): {num(rho_sites, '.2f')}.",
-                  f"- Most harmful position at every layer (bf16): {a.label} `{ranked(a)[0]}`, {b.label} "
-                  f"`{ranked(b)[0]}`; most harmful single site: "
+                  f"- Rank agreement (Spearman ρ) of the positions' all-layers {fmt} KLDs: {num(rho, '.2f')}; of the "
+                  f"single (position, layer) {fmt} KLDs both measured ({len(pairs)}): {num(rho_sites, '.2f')}.",
+                  f"- Most harmful position at every layer ({fmt}): {a.label} `{ranked(a, fmt)[0]}`, {b.label} "
+                  f"`{ranked(b, fmt)[0]}`; most harmful single site: "
                   + "; ".join(f"{v.label} `{r.point.position}` layer {r.point.layer} ({num(kld(r))})"
                               for v, r in ((a, top_a), (b, top_b)) if r) + ".",
                   f"- Logits-bf16 reference: {a.label} {ci_text(a.reference())}, {b.label} {ci_text(b.reference())}.",
                   ""]
-        lines += table(["position", f"{a.label} bf16 all layers", f"{b.label} bf16 all layers", "ratio"],
-                       [[f"`{p}`", ci_text(a.get(p, "bf16")), ci_text(b.get(p, "bf16")), num(ratios[p])]
+        lines += table(["position", f"{a.label} {fmt} all layers", f"{b.label} {fmt} all layers", "ratio"],
+                       [[f"`{p}`", ci_text(a.get(p, fmt)), ci_text(b.get(p, fmt)), num(ratios[p])]
                         for p in sorted(common, key=lambda p: -ratios[p])])
         lines += section_formats_between(a, b)
     return lines

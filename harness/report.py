@@ -241,7 +241,7 @@ def _yerr(cis: Sequence[Estimate]) -> list[list[float]]:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # nothing clipped: colour-bar labels, outside legends
     _pyplot().close(fig)
 
 

@@ -488,3 +488,22 @@ def test_a_non_finite_baseline_is_still_an_error(tmp_path):
     """Only the fake-quantized logits may be non-finite; a broken baseline is not a measurement."""
     with pytest.raises(ValueError, match="non-finite logits in rows"):
         atlas.measure_rules(FakeSession(tmp_path, None, baseline_bad=True), [FakeQuantRule("x", "f16")], max_chunks=2)
+
+
+def test_an_atlas_without_bf16_ranks_and_compares_by_its_own_format(tmp_path):
+    """An atlas of other formats has bf16 only at the reference (the logits): positions are ranked and the
+    models compared by the format with the most all-layers points, named in the text (not by bf16's one)."""
+    def as_fp8(model: dict) -> dict:
+        for r in model["points"]:
+            pid = r["point"]
+            if pid["fmt"] == "bf16" and pid["position"] != "result_output":
+                pid["fmt"] = "fp8_e4m3"
+                r["rules"] = rules_of(pid["position"], "fp8_e4m3", pid["layer"])
+        model["additivity"] = [a for a in model["additivity"] if a.get("fmt") != "bf16"]
+        return model
+
+    path = synthetic_atlas(tmp_path, [as_fp8(synthetic_model("q4", "Q4_1", 100.0)),
+                                      as_fp8(synthetic_model("f32", "F32", 1.0))])
+    text = render_atlas(path, tmp_path / "out").read_text()
+    assert "- All-layers fp8_e4m3 KLD, q4 / f32, over 3 common positions:" in text
+    assert "Most harmful position at every layer (fp8_e4m3): q4 `ffn_norm`, f32 `ffn_norm`" in text
