@@ -323,17 +323,18 @@ INSTR_PROMPT = "The history of"
 INSTR_TOKENS = (48, 16)  # generated tokens of the two runs; the per-token count is their difference's
 INSTR_BASE = ("off", "ffn_norm")  # beside the ffn_norm:FMT configurations of --formats
 _CALLGRIND_SUMMARY = re.compile(r"^summary:\s*(\d+)\s*$", re.M)
-_EVAL_RUNS = re.compile(r"\seval time =\s*[0-9.]+ ms /\s*(\d+) runs")
+_DECODE_NAME = re.compile(r"^c?fn=\((\d+)\) llama_context::decode\(", re.M)
 
 
 @dataclass(frozen=True)
 class CallgrindRun:
     """One llama-completion run under callgrind: tokens asked for, instructions counted, and the
-    decode calls it logged after the prompt (tokens - 1 when none ended early)."""
+    calls of llama_context::decode it made (the prompt's and one per further token: `tokens` when
+    none ended early)."""
 
     tokens: int
     instructions: int
-    eval_runs: int
+    decode_calls: int
 
 
 def cli_flags(rules: Sequence[FakeQuantRule]) -> list[str]:
@@ -369,17 +370,23 @@ def callgrind_total(text: str) -> int:
     raise HarnessError("the callgrind output has no 'summary:' line")
 
 
-def logged_eval_runs(log: str) -> int:
-    """The decode calls after the prompt, from llama-completion's 'eval time = … / N runs' line."""
-    if m := _EVAL_RUNS.search(log):
-        return int(m[1])
-    raise HarnessError("llama-completion logged no 'eval time = … / N runs' line")
+def decode_calls(text: str) -> int:
+    """The calls of llama_context::decode in a callgrind output file: the `calls=` lines under each
+    call site of it (`cfn=(id)`, its name given once; llama-completion's own log of its decode runs
+    is written by a thread that can lose its last lines at exit)."""
+    ids = set(_DECODE_NAME.findall(text))
+    if not ids:
+        raise HarnessError("the callgrind output has no llama_context::decode")
+    lines = text.splitlines()
+    sites = [i for i, line in enumerate(lines) if line.startswith("cfn=(") and line[5:].split(")")[0] in ids]
+    return sum(int(lines[i + 1].split()[0].removeprefix("calls=")) for i in sites
+               if i + 1 < len(lines) and lines[i + 1].startswith("calls="))
 
 
 def per_token(long: CallgrindRun, short: CallgrindRun) -> float:
     """Instructions per generated token: the difference of two runs over the difference of their
     decode calls, which must be the difference of the tokens asked for (no run stopped early)."""
-    asked, ran = long.tokens - short.tokens, long.eval_runs - short.eval_runs
+    asked, ran = long.tokens - short.tokens, long.decode_calls - short.decode_calls
     if asked < 1:
         raise HarnessError(f"the token counts must differ, longer first: got {long.tokens} and {short.tokens}")
     if ran != asked:
@@ -395,7 +402,8 @@ def run_callgrind(tool: Path, model: Path, tokens: int, flags: Sequence[str]) ->
                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if proc.returncode != 0:
             raise HarnessError(f"callgrind run (-n {tokens} {' '.join(flags)}) failed:\n{proc.stderr[-2000:]}")
-        return CallgrindRun(tokens, callgrind_total(out_file.read_text()), logged_eval_runs(proc.stderr))
+        text = out_file.read_text()
+        return CallgrindRun(tokens, callgrind_total(text), decode_calls(text))
 
 
 def instruction_table(runs: dict[str, Sequence[CallgrindRun]]) -> dict[str, dict]:
