@@ -12,7 +12,7 @@ import pytest
 
 from harness import driver
 from harness.bench import (CONFIGS, PHASES, CallgrindRun, callgrind_command, callgrind_total, cli_flags,
-                           compute_buffer_mib, instruction_configs, logged_eval_runs, main_bench, paired_ratios,
+                           compute_buffer_mib, decode_calls, instruction_configs, main_bench, paired_ratios,
                            per_token, run_bench, run_callgrind, run_instructions)
 from harness.cache import HarnessError
 from harness.driver import FakeQuantRule
@@ -123,24 +123,26 @@ def test_callgrind_command_generates_exactly_n_tokens_at_one_thread(tmp_path):
     assert cmd[-2:] == ["--fake-quant-ffn-norm", "nvfp4"]
 
 
-def test_callgrind_and_log_parsing():
+def test_callgrind_output_parsing():
     out = "# callgrind format\nversion: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 3502700727\n\nfn=(1)\n"
     assert callgrind_total(out) == 3_502_700_727
     with pytest.raises(HarnessError, match="no 'summary:' line"):
         callgrind_total("events: Ir\n")
-    log = ("0.49.937.825 I common_perf_print: prompt eval time =    5587.15 ms /     3 tokens ( 1862.38 ms per token\n"
-           "0.49.938.035 I common_perf_print:        eval time =   25623.12 ms /    15 runs   ( 1708.21 ms per token\n")
-    assert logged_eval_runs(log) == 15
-    with pytest.raises(HarnessError, match="N runs' line"):
-        logged_eval_runs(log.splitlines()[0])
+    # llama_context::decode named at its definition, then called from two sites by id alone
+    calls = ("fn=(7) llama_context::decode(llama_batch_ext const&)\n0 5\nfn=(3) main\ncfn=(7)\ncalls=1 0\n0 9\n"
+             "cfn=(8) llama_context::encode(llama_batch_ext const&)\ncalls=4 0\n0 2\nfn=(9) loop\ncfn=(7)\n"
+             "calls=11 0\n0 3\n")
+    assert decode_calls(calls) == 12
+    with pytest.raises(HarnessError, match="no llama_context::decode"):
+        decode_calls("fn=(3) main\ncfn=(8) llama_context::encode(llama_batch_ext const&)\ncalls=4 0\n")
 
 
 def test_per_token_is_the_difference_over_the_decode_runs():
-    assert per_token(CallgrindRun(48, 5_000, 47), CallgrindRun(16, 1_800, 15)) == 100.0
+    assert per_token(CallgrindRun(48, 5_000, 48), CallgrindRun(16, 1_800, 16)) == 100.0
     with pytest.raises(HarnessError, match="decoded 31 more tokens, not the 32"):
-        per_token(CallgrindRun(48, 5_000, 46), CallgrindRun(16, 1_800, 15))
+        per_token(CallgrindRun(48, 5_000, 47), CallgrindRun(16, 1_800, 16))
     with pytest.raises(HarnessError, match="longer first"):
-        per_token(CallgrindRun(16, 1_800, 15), CallgrindRun(48, 5_000, 47))
+        per_token(CallgrindRun(16, 1_800, 16), CallgrindRun(48, 5_000, 48))
 
 
 def _fake_runner(extra: dict[str, int], calls: list, drift: int = 0):
@@ -149,7 +151,7 @@ def _fake_runner(extra: dict[str, int], calls: list, drift: int = 0):
         seen = calls.count((tuple(flags), n))
         calls.append((tuple(flags), n))
         fmt = flags[-1] if flags else "off"
-        return CallgrindRun(n, 7_000 + (1000 + extra[fmt]) * n + drift * seen, n - 1)
+        return CallgrindRun(n, 7_000 + (1000 + extra[fmt]) * n + drift * seen, n)
     return run
 
 
@@ -199,5 +201,5 @@ def test_callgrind_counts_repeat_and_see_the_format(build):
     off, again = (run_callgrind(tool, model, 2, []) for _ in range(2))
     mxfp4 = run_callgrind(tool, model, 2, ["--fake-quant-ffn-norm", "mxfp4"])
     assert off == again
-    assert (off.tokens, off.eval_runs) == (mxfp4.tokens, mxfp4.eval_runs) == (2, 1)
+    assert (off.tokens, off.decode_calls) == (mxfp4.tokens, mxfp4.decode_calls) == (2, 2)
     assert mxfp4.instructions > off.instructions
