@@ -146,12 +146,12 @@ def test_per_token_is_the_difference_over_the_decode_runs():
 
 
 def _fake_runner(extra: dict[str, int], calls: list, drift: int = 0):
-    """Instructions = 1000 per token plus `extra[format]` per token; `drift` more on each repeated command."""
+    """Instructions = 1000 per token plus `extra[format]` per token; `drift` more per token when a command repeats."""
     def run(tool, model, n, flags):
         seen = calls.count((tuple(flags), n))
         calls.append((tuple(flags), n))
         fmt = flags[-1] if flags else "off"
-        return CallgrindRun(n, 7_000 + (1000 + extra[fmt]) * n + drift * seen, n)
+        return CallgrindRun(n, 7_000 + (1000 + extra[fmt] + drift * seen) * n, n)
     return run
 
 
@@ -172,13 +172,16 @@ def test_run_instructions_table(tmp_path, capsys):
                     "ffn_norm:nvfp4": (1020.0, pytest.approx(2.0), False),
                     "ffn_norm:fp8_e5m2_tensor": (1030.0, pytest.approx(3.0), None)}
     assert model["repeat"]["config"] == "off" and model["repeat"]["identical"] is True
-    assert "off run twice: counts identical" in capsys.readouterr().err
+    assert model["repeat"]["spread_pct"] == 0.0
+    assert "off run twice: counts identical, per-token count 0.000 % of off apart" in capsys.readouterr().err
 
 
 def test_run_instructions_reports_counts_that_do_not_repeat(tmp_path):
     result = run_instructions(tokens=(3, 1), out=tmp_path / "i.json",
-                              runner=_fake_runner({"off": 0, "bf16": 1}, [], drift=1))
-    assert result["models"]["smollm2-q4_1"]["repeat"]["identical"] is False
+                              runner=_fake_runner({"off": 0, "bf16": 1}, [], drift=2))
+    repeat = result["models"]["smollm2-q4_1"]["repeat"]
+    assert repeat["identical"] is False
+    assert repeat["spread_pct"] == pytest.approx(0.2)  # 2 of off's 1000 per token
 
 
 def test_main_instructions_rejects_bad_settings(tmp_path, capsys):
@@ -193,13 +196,13 @@ def test_main_instructions_rejects_bad_settings(tmp_path, capsys):
 
 
 @pytest.mark.native
-def test_callgrind_counts_repeat_and_see_the_format(build):
-    """The premise of --instructions: a count repeats exactly, and the format's flag reaches the graph."""
+def test_callgrind_sees_the_format_above_the_run_to_run_spread(build):
+    """The premise of --instructions: every token is decoded, and a format's cost stands out of the
+    difference between two runs of one command (counts need not repeat exactly: docs/performance.md)."""
     if not shutil.which("valgrind"):
         pytest.skip("valgrind is not installed (Debian: apt-get install valgrind): the instruction counts need it")
     tool, model = build.tool("llama-completion"), get_model("smollm2-q4_1", build).path
     off, again = (run_callgrind(tool, model, 2, []) for _ in range(2))
     mxfp4 = run_callgrind(tool, model, 2, ["--fake-quant-ffn-norm", "mxfp4"])
-    assert off == again
-    assert (off.tokens, off.decode_calls) == (mxfp4.tokens, mxfp4.decode_calls) == (2, 2)
-    assert mxfp4.instructions > off.instructions
+    assert (off.tokens, off.decode_calls) == (again.decode_calls, mxfp4.decode_calls, 2) == (2, 2)
+    assert mxfp4.instructions - max(off.instructions, again.instructions) > abs(off.instructions - again.instructions)
