@@ -15,6 +15,12 @@ Memory: each configuration runs once more in a fresh interpreter, which reports 
 compute-buffer size (from its log; setting rules re-reserves with a new scheduler, so the size
 is the fake-quantized graph's own) and its peak RSS after one prompt batch.
 
+Instructions (`--instructions`): wall time on a busy 2-core machine scatters far more than a 1 %
+effect, so each configuration also runs llama-completion under callgrind at one thread, twice,
+generating two token counts; the difference of the instruction counts over the difference of the
+decode runs is the instructions per generated token, with loading, the prompt and graph building
+cancelled out.
+
 Backend: `--backend vulkan` (or cuda) runs the same with that build and every layer offloaded
 (`--gpu-layers N`: N of them), so the fake-quant nodes are the portable casts on the device; the
 compute buffer is the device's. libllama is bound once per process, so the whole run, memory
@@ -30,12 +36,15 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, fields
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from harness import driver
@@ -310,6 +319,188 @@ def run_bench(models: Sequence[str] = ("smollm2-f32", "smollm2-q4_1"), *, pp_tok
     return result
 
 
+INSTR_PROMPT = "The history of"
+INSTR_TOKENS = (48, 16)  # generated tokens of the two runs; the per-token count is their difference's
+INSTR_BASE = ("off", "ffn_norm")  # beside the ffn_norm:FMT configurations of --formats
+_CALLGRIND_SUMMARY = re.compile(r"^summary:\s*(\d+)\s*$", re.M)
+_DECODE_NAME = re.compile(r"^c?fn=\((\d+)\) llama_context::decode\(", re.M)
+
+
+@dataclass(frozen=True)
+class CallgrindRun:
+    """One llama-completion run under callgrind: tokens asked for, instructions counted, and the
+    calls of llama_context::decode it made (the prompt's and one per further token: `tokens` when
+    none ended early)."""
+
+    tokens: int
+    instructions: int
+    decode_calls: int
+
+
+def cli_flags(rules: Sequence[FakeQuantRule]) -> list[str]:
+    """llama-completion's flags for a configuration's rules (native/README.md's flag table)."""
+    flags = []
+    for r in rules:
+        flag = {"ffn_norm": "--fake-quant-ffn-norm", "result_output": "--fake-quant"}.get(r.target)
+        if flag is None or r.layers != "-1" or r.scale != 1.0:
+            raise HarnessError(f"no llama-completion flag for {r} (allowed: ffn_norm or result_output, every layer, "
+                               "scale 1)")
+        flags += [flag, r.fmt]
+    return flags
+
+
+def instruction_configs(formats: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Configuration -> llama-completion flags: off, ffn_norm bf16 and ffn_norm:FMT for each format
+    (the numpy reference is a Python hook: llama-completion cannot run it)."""
+    return {cfg: cli_flags(rules) for cfg, (rules, _) in configs_for(formats).items()
+            if cfg in INSTR_BASE or cfg.startswith(FORMAT_CONFIG)}
+
+
+def callgrind_command(tool: Path, model: Path, tokens: int, flags: Sequence[str], out_file: Path) -> list[str]:
+    """Greedy generation of exactly `tokens` tokens (no end token, no chat mode) at one thread."""
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", str(tool), "-m", str(model),
+            "-p", INSTR_PROMPT, "-t", "1", "--temp", "0", "--ignore-eos", "--no-warmup", "-no-cnv",
+            "-n", str(tokens), *flags]
+
+
+def callgrind_total(text: str) -> int:
+    """The instruction count (event Ir) in a callgrind output file's summary line."""
+    if m := _CALLGRIND_SUMMARY.search(text):
+        return int(m[1])
+    raise HarnessError("the callgrind output has no 'summary:' line")
+
+
+def decode_calls(text: str) -> int:
+    """The calls of llama_context::decode in a callgrind output file: the `calls=` lines under each
+    call site of it (`cfn=(id)`, its name given once; llama-completion's own log of its decode runs
+    is written by a thread that can lose its last lines at exit)."""
+    ids = set(_DECODE_NAME.findall(text))
+    if not ids:
+        raise HarnessError("the callgrind output has no llama_context::decode")
+    lines = text.splitlines()
+    sites = [i for i, line in enumerate(lines) if line.startswith("cfn=(") and line[5:].split(")")[0] in ids]
+    return sum(int(lines[i + 1].split()[0].removeprefix("calls=")) for i in sites
+               if i + 1 < len(lines) and lines[i + 1].startswith("calls="))
+
+
+def per_token(long: CallgrindRun, short: CallgrindRun) -> float:
+    """Instructions per generated token: the difference of two runs over the difference of their
+    decode calls, which must be the difference of the tokens asked for (no run stopped early)."""
+    asked, ran = long.tokens - short.tokens, long.decode_calls - short.decode_calls
+    if asked < 1:
+        raise HarnessError(f"the token counts must differ, longer first: got {long.tokens} and {short.tokens}")
+    if ran != asked:
+        raise HarnessError(f"the runs decoded {ran} more tokens, not the {asked} asked for (one ended early)")
+    return (long.instructions - short.instructions) / ran
+
+
+def run_callgrind(tool: Path, model: Path, tokens: int, flags: Sequence[str]) -> CallgrindRun:
+    """Run llama-completion under callgrind (nice'd: counts do not depend on the machine's load)."""
+    with tempfile.TemporaryDirectory(prefix="fq-callgrind-") as tmp:
+        out_file = Path(tmp) / "callgrind.out"
+        proc = subprocess.run(["nice", *callgrind_command(tool, model, tokens, flags, out_file)],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise HarnessError(f"callgrind run (-n {tokens} {' '.join(flags)}) failed:\n{proc.stderr[-2000:]}")
+        text = out_file.read_text()
+        return CallgrindRun(tokens, callgrind_total(text), decode_calls(text))
+
+
+def instruction_table(runs: dict[str, Sequence[CallgrindRun]]) -> dict[str, dict]:
+    """Configuration -> its runs, instructions per token, overhead against off and the 1 % target."""
+    counts = {cfg: per_token(*sorted(r, key=lambda run: -run.tokens)) for cfg, r in runs.items()}
+    return {cfg: {"runs": [asdict(r) for r in runs[cfg]], "instructions_per_token": counts[cfg],
+                  "overhead_pct": (counts[cfg] / counts["off"] - 1) * 100,
+                  "meets_target": (counts[cfg] / counts["off"] - 1) * 100 <= TARGET_OVERHEAD_PCT
+                  if has_target(cfg) else None}
+            for cfg in runs}
+
+
+Runner = Callable[[Path, Path, int, Sequence[str]], CallgrindRun]
+
+
+def _instructions_model(name: str, b: Build, configs: dict[str, list[str]], tokens: Sequence[int], repeat: str,
+                        jobs: int, runner: Runner) -> dict:
+    file = get_model(name, b)
+    tool = b.tool("llama-completion")
+    # one run per distinct command (ffn_norm and ffn_norm:bf16 share theirs); the repeat runs again
+    tasks = list(dict.fromkeys((tuple(flags), n) for flags in configs.values() for n in tokens))
+    tasks += [(tuple(configs[repeat]), n) for n in tokens]
+    done: list[int] = []
+
+    def one(task: tuple[tuple[str, ...], int]) -> CallgrindRun:
+        started = time.perf_counter()
+        run = runner(tool, file.path, task[1], task[0])
+        done.append(1)
+        progress(f"callgrind {name} -n {task[1]} {' '.join(task[0]) or 'off'}: {run.instructions:,} instructions "
+                 f"({time.perf_counter() - started:.0f} s; {len(done)}/{len(tasks)})")
+        return run
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(one, tasks))
+    first = dict(zip(tasks[: -len(tokens)], results))
+    again = results[-len(tokens):]
+    table = instruction_table({cfg: [first[tuple(flags), n] for n in tokens] for cfg, flags in configs.items()})
+    for cfg, flags in configs.items():
+        table[cfg]["flags"] = flags
+    once = [first[tuple(configs[repeat]), n] for n in tokens]
+    # the run-to-run spread of a per-token count, in % of off's: a difference within it decides nothing
+    spread = abs(per_token(*again) - per_token(*once)) / table["off"]["instructions_per_token"] * 100
+    return {"path": str(file.path), "sha256": file.sha256, "configs": table,
+            "repeat": {"config": repeat, "runs": [asdict(r) for r in once], "again": [asdict(r) for r in again],
+                       "identical": once == again, "spread_pct": spread}}
+
+
+def _instructions_summary(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"instructions per generated token: callgrind, llama-completion -t 1, -n {s['tokens'][0]} minus "
+             f"-n {s['tokens'][1]}, build {result['machine']['build_key']}; target: per-row and block formats "
+             f"<= {TARGET_OVERHEAD_PCT:g} % over off",
+             f"{'model':14} {'config':26} {'M instr/token':>14} {'overhead %':>11}"]
+    for name, res in result["models"].items():
+        for cfg, e in res["configs"].items():
+            mark = {True: " ok", False: " !!", None: ""}[e["meets_target"]]
+            count = e["instructions_per_token"] / 1e6
+            lines.append(f"{name:14} {cfg:26} {count:14.3f} {e['overhead_pct']:+11.3f}{mark}")
+        rep = res["repeat"]
+        lines.append(f"{name}: {rep['config']} run twice: counts {'identical' if rep['identical'] else 'differ'}, "
+                     f"per-token count {rep['spread_pct']:.3f} % of off apart")
+    return "\n".join(lines)
+
+
+def run_instructions(models: Sequence[str] = ("smollm2-q4_1",), formats: Sequence[str] = (), *,
+                     tokens: Sequence[int] = INSTR_TOKENS, repeat: str = "off", jobs: int = 1,
+                     out: Path | None = None, runner: Runner = run_callgrind) -> dict:
+    """Instructions per generated token of each configuration on the cached CPU build, written to
+    `out` as JSON with a table on stderr; `repeat`'s runs are made twice: its spread is the resolution."""
+    configs = instruction_configs(formats)
+    if len(tokens) != 2 or tokens[0] <= tokens[1] or tokens[1] < 1:
+        raise HarnessError(f"tokens must be two counts, the longer first, both >= 1: got {list(tokens)}")
+    if repeat not in configs:
+        raise HarnessError(f"repeat config {repeat!r} is not measured (allowed: {', '.join(configs)})")
+    if jobs < 1:
+        raise HarnessError(f"jobs must be at least 1, got {jobs}")
+    if runner is run_callgrind and not shutil.which("valgrind"):
+        raise HarnessError("valgrind is not on PATH (Debian: apt-get install valgrind)")
+    b = build("cpu")
+    result = {
+        "machine": {**_machine(1, b, "cpu", 0), "valgrind": _valgrind_version() if runner is run_callgrind else None},
+        "settings": {"tokens": list(tokens), "prompt": INSTR_PROMPT, "threads": 1, "formats": list(formats),
+                     "jobs": jobs, "tool": "llama-completion", "counter": "callgrind Ir"},
+        "target_overhead_pct": TARGET_OVERHEAD_PCT,
+        "models": {name: _instructions_model(name, b, configs, tokens, repeat, jobs, runner) for name in models},
+    }
+    out = out or Path("report") / "bench-instructions.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    print(_instructions_summary(result), file=sys.stderr)
+    return result
+
+
+def _valgrind_version() -> str:
+    return subprocess.run(["valgrind", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+
+
 STATS_VOCABS = {"smollm2": 49_152, "gemma3": 262_144}
 STATS_ROWS = 447  # the scored positions of one corpus chunk
 
@@ -350,6 +541,24 @@ def _pick(given: int | None, default: int) -> int:
     return default if given is None else given
 
 
+def _main_instructions(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    timing = {"--pp": args.pp, "--tg": args.tg, "--reps": args.reps, "--threads": args.threads,
+              "--backend": args.backend, "--gpu-layers": args.gpu_layers, "--quick": args.quick or None,
+              "--token-stats": args.token_stats or None}
+    if given := [flag for flag, value in timing.items() if value is not None]:
+        p.error(f"{', '.join(given)} do not apply to --instructions (one thread on the CPU build; "
+                "its options: --models, --formats, --tokens, --jobs, --out)")
+    out = args.out or Path("report") / "bench-instructions.json"
+    try:
+        result = run_instructions(args.models.split(",") if args.models else ["smollm2-q4_1"], args.formats,
+                                  tokens=args.tokens or INSTR_TOKENS, jobs=args.jobs, out=out)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
 def main_bench(argv: list[str] | None = None) -> int:
     """`python -m harness bench`: the last stdout line is the JSON's path."""
     p = argparse.ArgumentParser(prog="python -m harness bench", description=__doc__.split("\n\n")[0])
@@ -370,7 +579,15 @@ def main_bench(argv: list[str] | None = None) -> int:
                    help="do not read the suite's time share from the last results file (needs no statistics packages)")
     p.add_argument("--token-stats", action="store_true",
                    help="only time the token statistics (harness.metrics) per block size and thread count")
+    p.add_argument("--instructions", action="store_true",
+                   help="instead: callgrind instruction counts per generated token of off, ffn_norm bf16 and each "
+                        "of --formats (llama-completion at one thread; model default smollm2-q4_1)")
+    p.add_argument("--tokens", type=int, nargs=2, metavar=("LONG", "SHORT"),
+                   help="--instructions: generated tokens of the two runs per configuration (default 48 16)")
+    p.add_argument("--jobs", type=int, default=1, help="--instructions: callgrind runs at once (default 1)")
     args = p.parse_args(argv)
+    if args.instructions:
+        return _main_instructions(p, args)
     if args.token_stats:
         out = args.out or Path("report") / "bench-token-stats.json"
         result = run_stats_bench(repetitions=_pick(args.reps, 5))
