@@ -98,6 +98,11 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
     Confirmation("atlas", 1, "0a1c943ddaedcb70",
                  "measure_rules reads the baseline through BaselineFiles, ModelFacts names its store by "
                  "runner.entry_name: the same verify run, 5 points of smollm2-f32 (max chunks 1) identical"),
+    Confirmation("results", 1, "4f22eab8dc1f6fcc",
+                 "driver.Context split along its jobs (LiveContext, eval_callback, FakeQuantSettings, Decoder; the "
+                 "same libllama calls in the same order): `python -m harness measurement verify --sample 6` on "
+                 "smollm2-f32 re-measured groups all, layer00, layer08, layer16, layer23, scale050 and 6 atlas points "
+                 "(max chunks 1) in memory: 12 of 12 identical to the cache (records and arrays, timing aside)"),
 )
 
 
