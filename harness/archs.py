@@ -120,11 +120,15 @@ def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, 
     return ArchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def model_paths(build: Build, only: Sequence[str] = ()) -> list[Path]:
+    """The generated models in name order (or those whose file names start with one of `only`)."""
+    return [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
+
+
 def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequence[str] = (),
               formats: Sequence[str] = FORMATS) -> list[ArchResult]:
-    """Every generated model (or those whose file names start with one of `only`), `workers`
-    processes at a time, in name order, in `formats`."""
-    paths = [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
+    """model_paths(build, only), `workers` processes at a time, in `formats`."""
+    paths = model_paths(build, only)
     results: list[ArchResult] = []
     with ThreadPoolExecutor(workers) as pool:
         for i, result in enumerate(pool.map(lambda p: _check_in_subprocess(p, build.backend, gpu_layers,
