@@ -60,11 +60,9 @@ def arch_models(build: Build) -> Path:
 
 def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence[str] = FORMATS) -> ArchResult:
     """In this process: every pp-graph name in every format of `formats` at all its tensors, native vs
-    reference."""
-    import numpy as np
-
+    reference (harness.compare)."""
+    from harness.compare import Case, Sides, one_rule_cases
     from harness.driver import FakeQuantError, FakeQuantRule, Model
-    from harness.reference import ReferenceFakeQuant
 
     result = ArchResult(path.name, "ok")
     try:
@@ -72,47 +70,33 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence
     except HarnessError as err:
         result.status = "cannot load: " + str(err).splitlines()[-1].strip()
         return result
-    tokens = [(7 * i + 1) % model.n_vocab for i in range(N_TOKENS)]
-    native = model.context(N_TOKENS, threads=1)
-    hook = ReferenceFakeQuant([], model.n_layer)
-    ref = model.context(N_TOKENS, threads=1, tensor_hook=hook)
+    sides = Sides(model, [(7 * i + 1) % model.n_vocab for i in range(N_TOKENS)], threads=1)
     try:
-        baseline = native.logits(tokens)
-        if not np.array_equal(baseline.view(np.uint32), ref.logits(tokens).view(np.uint32)):
+        if not sides.compare(Case(())).bits_equal:
             result.status = "baseline differs with an eval callback (the graph is not deterministic here)"
             return result
         progress("baseline ok")
-        targets = [t for t in native.fake_quant_targets() if t.graph == "pp"]
+        targets = [t for t in sides.targets if t.graph == "pp"]
         result.names = sorted(t.name for t in targets)
         if "ffn_norm" not in result.names:  # the error must name what the graph has instead
             try:
-                native.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
+                sides.native.set_fake_quant([FakeQuantRule("ffn_norm", "bf16")])
                 result.mismatches.append("ffn_norm: accepted although the listing has no ffn_norm")
             except FakeQuantError as err:
                 at_layer0 = {t.name for t in targets if 0 in t.layers}
                 if "names at layer 0: " not in str(err) or not all(n in str(err) for n in at_layer0):
                     result.mismatches.append(f"ffn_norm: the error does not list the names of layer 0: {err}")
-        for target in targets:
-            for fmt in formats:
-                progress(f"target {target.name} {fmt}")
-                rules = [FakeQuantRule(target.name, fmt)]
-                native.set_fake_quant(rules)
-                hook.set_rules(rules)
-                got, sites = native.logits(tokens), native.fake_quant_sites
-                want, applied = ref.logits(tokens), hook.applied
-                native.set_fake_quant([])
-                hook.set_rules([])
-                if target.name == "ffn_norm":
-                    result.ffn_norm_sites = sites
-                differ = int((got.view(np.uint32) != want.view(np.uint32)).sum())
-                if differ or not sites == applied == target.count:
-                    result.mismatches.append(f"{target.name} {fmt}: {differ} logits differ, sites {sites}, "
-                                             f"reference {applied}, listed {target.count}")
+        for case in one_rule_cases(targets, formats):
+            progress(f"target {case.label}")
+            comparison = sides.compare(case)
+            if case.rules[0].target == "ffn_norm":
+                result.ffn_norm_sites = comparison.native_sites
+            if not comparison.equal:
+                result.mismatches.append(comparison.describe())
         if result.mismatches:
             result.status = "mismatch"
     finally:
-        native.close()
-        ref.close()
+        sides.close()
         model.close()
     return result
 
@@ -136,11 +120,15 @@ def _check_in_subprocess(path: Path, backend: str = "cpu", gpu_layers: int = 0, 
     return ArchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def model_paths(build: Build, only: Sequence[str] = ()) -> list[Path]:
+    """The generated models in name order (or those whose file names start with one of `only`)."""
+    return [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
+
+
 def check_all(build: Build, workers: int = 2, gpu_layers: int = 0, only: Sequence[str] = (),
               formats: Sequence[str] = FORMATS) -> list[ArchResult]:
-    """Every generated model (or those whose file names start with one of `only`), `workers`
-    processes at a time, in name order, in `formats`."""
-    paths = [p for p in sorted(arch_models(build).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
+    """model_paths(build, only), `workers` processes at a time, in `formats`."""
+    paths = model_paths(build, only)
     results: list[ArchResult] = []
     with ThreadPoolExecutor(workers) as pool:
         for i, result in enumerate(pool.map(lambda p: _check_in_subprocess(p, build.backend, gpu_layers,

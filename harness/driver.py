@@ -256,26 +256,90 @@ class Model:
 
 
 class Context:
-    """A llama_context with n_ctx positions per sequence, logits for every position.
+    """A llama_context with n_ctx positions per sequence, logits for every position: the handle
+    (LiveContext), its fake-quant rules (FakeQuantSettings) and its decoding (Decoder), as one object.
 
     With `sequences` > 1 each sequence gets its own KV cache stream (kv_unified off), so a
     sequence's attention reads only its own cells: what one sequence computes cannot depend on
     what another holds (used by `generate_many`).
 
     With `tensor_hook`, libllama's eval callback hands each computed F32 tensor the hook wants
-    to it as a writable array (its strides, views included), before later nodes read it: the hook
-    may capture it or change it in place. Host memory is handed over directly; a tensor in device
-    memory is read with ggml_backend_tensor_get and written back with ggml_backend_tensor_set.
-    """
+    to it (eval_callback)."""
 
     def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None,
                  sequences: int = 1) -> None:
-        llama = _llama
         self.model = model
         self.n_ctx = n_ctx
         self.threads = threads
         self.sequences = sequences
-        self.params = params = llama.llama_context_default_params()
+        self.live = LiveContext(model, n_ctx, threads, tensor_hook, sequences)
+        self.fake_quant = FakeQuantSettings(self.live)
+        self.decoder = Decoder(self.live, n_ctx, sequences)
+
+    # fake quantization ------------------------------------------------------------------
+
+    def set_fake_quant(self, rules: Sequence[FakeQuantRule], renew: bool = True) -> None:
+        """Replace the fake-quant rules (empty: off): FakeQuantSettings.set."""
+        self.fake_quant.set(rules, renew)
+
+    def fake_quant_targets(self) -> list[Target]:
+        """The names fake quantization can target in this context's graphs, per graph."""
+        return self.fake_quant.targets()
+
+    @property
+    def rules(self) -> tuple[FakeQuantRule, ...]:
+        return self.fake_quant.rules
+
+    @property
+    def fake_quant_sites(self) -> int:
+        """Tensors fake-quantized by the graph built last."""
+        return self.fake_quant.sites
+
+    @property
+    def fake_quant_applied(self) -> int:
+        """Tensor fake-quantizations computed since the context was created."""
+        return self.fake_quant.applied
+
+    @property
+    def renewed(self) -> int:
+        """Times set_fake_quant replaced the llama_context (GPU backends)."""
+        return self.live.renewed
+
+    # evaluation -------------------------------------------------------------------------
+
+    @property
+    def compute_seconds(self) -> float:
+        """Wall time spent inside llama_decode."""
+        return self.decoder.compute_seconds
+
+    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True) -> np.ndarray:
+        """Decoder.logits."""
+        return self.decoder.logits(tokens, first, copy)
+
+    def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
+        """Greedy continuation (seed None) or seeded sampling with llama-completion's default
+        chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8, then draw with `seed`)."""
+        return self.decoder.generate_many([prompt], n_predict, [seed])[0]
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], n_predict: int,
+                      seeds: Sequence[int | None]) -> list[list[int]]:
+        """Decoder.generate_many."""
+        return self.decoder.generate_many(prompts, n_predict, seeds)
+
+    def close(self) -> None:
+        if self.live.ptr:
+            self.decoder.close()
+            self.live.close()
+
+
+class LiveContext:
+    """The llama_context itself: made from fixed parameters, renewed (a fresh one with the same
+    parameters and tensor hook), freed. `computed`: whether it has decoded since it was made."""
+
+    def __init__(self, model: Model, n_ctx: int, threads: int, tensor_hook: TensorHook | None,
+                 sequences: int) -> None:
+        self.model = model
+        self.params = params = _llama.llama_context_default_params()
         params.n_ctx = n_ctx * sequences
         params.n_batch = n_ctx
         params.n_ubatch = n_ctx
@@ -284,57 +348,74 @@ class Context:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        self._callback = None
+        self._callback = None  # kept referenced while libllama may call it
         if tensor_hook is not None:
-            self._callback = self._make_callback(tensor_hook)
+            self._callback = eval_callback(tensor_hook)
             params.cb_eval = self._callback
             params.cb_eval_user_data = None
-        self._init()
-        self.batch = llama.llama_batch_init(max(n_ctx, sequences), 0, 1)
-        self.rules: tuple[FakeQuantRule, ...] = ()
-        self.compute_seconds = 0.0  # wall time spent inside llama_decode
-        self.renewed = 0  # times set_fake_quant replaced the llama_context (GPU backends)
+        self.renewed = 0
+        self._open()
 
-    def _init(self) -> None:
+    def _open(self) -> None:
         self.ptr = _llama.llama_init_from_model(self.model.ptr, self.params)
         if not self.ptr:
             raise HarnessError(f"libllama could not create a context:\n{''.join(_log_lines[-5:])}")
         self.memory = _llama.llama_get_memory(self.ptr)
-        self.computed = False  # whether a graph has been computed (llama_decode called)
+        self.computed = False
 
-    @staticmethod
-    def _make_callback(hook: TensorHook):
-        base = _ggml_base
+    def renew(self) -> None:
+        _llama.llama_free(self.ptr)
+        self.ptr = None
+        self._open()
+        self.renewed += 1
 
-        def callback(tensor: int, ask: bool, _user: int) -> bool:
-            name = base.ggml_get_name(tensor).decode()
-            if not hook.wants(name):
-                return False
-            head = _TensorHead.from_address(tensor)
-            if head.type != GGML_TYPE_F32:
-                return False
-            if ask:
-                return True
-            nbytes = base.ggml_nbytes(tensor)
-            on_host = bool(head.buffer) and base.ggml_backend_buffer_is_host(head.buffer)
-            if on_host:
-                raw = (ctypes.c_char * nbytes).from_address(base.ggml_get_data(tensor))
-            else:
-                raw = ctypes.create_string_buffer(nbytes)
-                base.ggml_backend_tensor_get(tensor, raw, 0, nbytes)
-            shape = tuple(int(n) for n in reversed(head.ne))  # numpy order: ne3, ne2, ne1, ne0
-            strides = tuple(int(n) for n in reversed(head.nb))
-            data = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.float32), shape, strides)
-            hook(name, data.reshape(shape[2:]) if shape[:2] == (1, 1) else data)
-            if not on_host:
-                base.ggml_backend_tensor_set(tensor, raw, 0, nbytes)
+    def close(self) -> None:
+        _llama.llama_free(self.ptr)
+        self.ptr = None
+
+
+def eval_callback(hook: TensorHook):
+    """libllama's eval callback for `hook`: each computed F32 tensor the hook wants, as a writable
+    array (its strides, views included), before later nodes read it, so the hook may capture it or
+    change it in place. Host memory is handed over directly; a tensor in device memory is read with
+    ggml_backend_tensor_get and written back with ggml_backend_tensor_set."""
+    base = _ggml_base
+
+    def callback(tensor: int, ask: bool, _user: int) -> bool:
+        name = base.ggml_get_name(tensor).decode()
+        if not hook.wants(name):
+            return False
+        head = _TensorHead.from_address(tensor)
+        if head.type != GGML_TYPE_F32:
+            return False
+        if ask:
             return True
+        nbytes = base.ggml_nbytes(tensor)
+        on_host = bool(head.buffer) and base.ggml_backend_buffer_is_host(head.buffer)
+        if on_host:
+            raw = (ctypes.c_char * nbytes).from_address(base.ggml_get_data(tensor))
+        else:
+            raw = ctypes.create_string_buffer(nbytes)
+            base.ggml_backend_tensor_get(tensor, raw, 0, nbytes)
+        shape = tuple(int(n) for n in reversed(head.ne))  # numpy order: ne3, ne2, ne1, ne0
+        strides = tuple(int(n) for n in reversed(head.nb))
+        data = np.lib.stride_tricks.as_strided(np.frombuffer(raw, dtype=np.float32), shape, strides)
+        hook(name, data.reshape(shape[2:]) if shape[:2] == (1, 1) else data)
+        if not on_host:
+            base.ggml_backend_tensor_set(tensor, raw, 0, nbytes)
+        return True
 
-        return _llama.ggml_backend_sched_eval_callback(callback)
+    return _llama.ggml_backend_sched_eval_callback(callback)
 
-    # fake quantization ------------------------------------------------------------------
 
-    def set_fake_quant(self, rules: Sequence[FakeQuantRule], renew: bool = True) -> None:
+class FakeQuantSettings:
+    """The fake-quant rules of a live context (the llama_fake_quant_* functions the patch adds)."""
+
+    def __init__(self, live: LiveContext) -> None:
+        self.live = live
+        self.rules: tuple[FakeQuantRule, ...] = ()
+
+    def set(self, rules: Sequence[FakeQuantRule], renew: bool = True) -> None:
         """Replace the fake-quant rules (empty: off). A rejected rule leaves the context off.
 
         With a GPU backend, libllama refuses to change the rules once the context has computed a
@@ -343,30 +424,28 @@ class Context:
         it before its first decode. Every evaluation here starts from an empty KV cache, so nothing
         else changes. On the CPU the rules change on the live context, as before."""
         lib = _llama._lib
-        if renew and self.model.gpu and self.computed and (rules or self.rules):
-            _llama.llama_free(self.ptr)
-            self.ptr = None
-            self._init()
+        live = self.live
+        if renew and live.model.gpu and live.computed and (rules or self.rules):
+            live.renew()
             self.rules = ()
-            self.renewed += 1
         err = ctypes.create_string_buffer(8192)
-        if lib.llama_fake_quant_clear(self.ptr, err, len(err)) != 0:
+        if lib.llama_fake_quant_clear(live.ptr, err, len(err)) != 0:
             raise FakeQuantError(err.value.decode())
         self.rules = ()
         for rule in rules:
-            rc = lib.llama_fake_quant_add(self.ptr, rule.target.encode(), rule.fmt.encode(), rule.layers.encode(),
+            rc = lib.llama_fake_quant_add(live.ptr, rule.target.encode(), rule.fmt.encode(), rule.layers.encode(),
                                           float(rule.scale), err, len(err))
             if rc != 0:
-                lib.llama_fake_quant_clear(self.ptr, None, 0)
+                lib.llama_fake_quant_clear(live.ptr, None, 0)
                 raise FakeQuantError(err.value.decode())
         self.rules = tuple(rules)
 
-    def fake_quant_targets(self) -> list[Target]:
-        """The names fake quantization can target in this context's graphs, per graph."""
+    def targets(self) -> list[Target]:
+        """The names fake quantization can target in the context's graphs, per graph."""
         lib = _llama._lib
-        n = lib.llama_fake_quant_list(self.ptr, None, 0)
+        n = lib.llama_fake_quant_list(self.live.ptr, None, 0)
         buf = ctypes.create_string_buffer(max(n, 0) + 1 if n >= 0 else 1024)
-        if lib.llama_fake_quant_list(self.ptr, buf, len(buf)) < 0:
+        if lib.llama_fake_quant_list(self.live.ptr, buf, len(buf)) < 0:
             raise FakeQuantError(buf.value.decode())
         out = []
         for line in buf.value.decode().splitlines():
@@ -375,16 +454,27 @@ class Context:
         return out
 
     @property
-    def fake_quant_sites(self) -> int:
+    def sites(self) -> int:
         """Tensors fake-quantized by the graph built last."""
-        return _llama._lib.llama_fake_quant_n_sites(self.ptr)
+        return _llama._lib.llama_fake_quant_n_sites(self.live.ptr)
 
     @property
-    def fake_quant_applied(self) -> int:
-        """Tensor fake-quantizations computed since the context was created."""
-        return _llama._lib.llama_fake_quant_n_applied(self.ptr)
+    def applied(self) -> int:
+        """Tensor fake-quantizations computed since the llama_context was made."""
+        return _llama._lib.llama_fake_quant_n_applied(self.live.ptr)
 
-    # evaluation -------------------------------------------------------------------------
+
+class Decoder:
+    """Decoding on a live context: logits for every position, greedy or sampled generation of one
+    or several sequences; `compute_seconds` is the wall time spent inside llama_decode."""
+
+    def __init__(self, live: LiveContext, n_ctx: int, sequences: int) -> None:
+        self.live = live
+        self.model = live.model
+        self.n_ctx = n_ctx
+        self.sequences = sequences
+        self.batch = _llama.llama_batch_init(max(n_ctx, sequences), 0, 1)
+        self.compute_seconds = 0.0
 
     def _decode(self, tokens: Sequence[int], start: int | Sequence[int], first_output: int, seq: int = 0) -> None:
         """Decode `tokens`, with logits for batch rows first_output..: in sequence `seq` at
@@ -404,9 +494,9 @@ class Context:
             batch.logits[i] = i >= first_output
         batch.n_tokens = n
         started = time.perf_counter()
-        rc = llama.llama_decode(self.ptr, batch)
+        rc = llama.llama_decode(self.live.ptr, batch)
         self.compute_seconds += time.perf_counter() - started
-        self.computed = True
+        self.live.computed = True
         if rc != 0:
             raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
 
@@ -414,16 +504,11 @@ class Context:
         """Fresh sequence: float32 logits [len(tokens) - first, n_vocab] of positions first..
         (only those are computed through the output layer). copy=False returns a view of
         libllama's buffer, valid until the next decode on this context."""
-        _llama.llama_memory_clear(self.memory, True)
+        _llama.llama_memory_clear(self.live.memory, True)
         self._decode(tokens, 0, first)
-        ptr = _llama.llama_get_logits(self.ptr)
+        ptr = _llama.llama_get_logits(self.live.ptr)
         view = np.ctypeslib.as_array(ptr, shape=(len(tokens) - first, self.model.n_vocab))
         return view.copy() if copy else view
-
-    def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
-        """Greedy continuation (seed None) or seeded sampling with llama-completion's default
-        chain (top-k 40, top-p 0.95, min-p 0.05, temperature 0.8, then draw with `seed`)."""
-        return self.generate_many([prompt], n_predict, [seed])[0]
 
     def generate_many(self, prompts: Sequence[Sequence[int]], n_predict: int,
                       seeds: Sequence[int | None]) -> list[list[int]]:
@@ -436,7 +521,7 @@ class Context:
         if not 0 < len(prompts) <= self.sequences or len(seeds) != len(prompts):
             raise HarnessError(f"{len(prompts)} prompts and {len(seeds)} seeds for a context of "
                                f"{self.sequences} sequences (one seed or None per prompt)")
-        llama.llama_memory_clear(self.memory, True)
+        llama.llama_memory_clear(self.live.memory, True)
         chains = [self._sampler(seed) for seed in seeds]
         outs: list[list[int]] = [[] for _ in prompts]
         ended = [False] * len(prompts)
@@ -476,12 +561,9 @@ class Context:
     def _pick(self, chain, row: int) -> int:
         """The next token from the logits of output row `row` (-1: the last)."""
         if chain is not None:
-            return int(_llama.llama_sampler_sample(chain, self.ptr, row))
-        logits = _llama.llama_get_logits_ith(self.ptr, row)
+            return int(_llama.llama_sampler_sample(chain, self.live.ptr, row))
+        logits = _llama.llama_get_logits_ith(self.live.ptr, row)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.model.n_vocab,))))
 
     def close(self) -> None:
-        if self.ptr:
-            _llama.llama_batch_free(self.batch)
-            _llama.llama_free(self.ptr)
-            self.ptr = None
+        _llama.llama_batch_free(self.batch)

@@ -369,11 +369,10 @@ def archs_step(run: Run, backend: str, gpu_layers: int, workers: int, only: list
     """The sweep of harness.archs on the backend's build, a process per model, stopping (not starting
     more models, cutting the running ones short) when the time is nearly up; the table and every
     model's result. The count so far is saved as the models finish."""
-    from harness.archs import _check_in_subprocess, arch_models, table
+    from harness.archs import _check_in_subprocess, model_paths, table
     from harness.build import build
 
-    b = build(backend)
-    paths = [p for p in sorted(arch_models(b).glob("*.gguf")) if not only or p.name.startswith(tuple(only))]
+    paths = model_paths(build(backend), only)
     margin = 20.0
     lock = threading.Lock()
     finished: list[str] = []

@@ -110,6 +110,11 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "run re-measured 6 points of smollm2-f32 (max chunks 1: attn_norm.bf16.L000, "
                  "attn_norm.fp8_e5m2_tensor.all, attn_norm.mxfp8_e5m2.all, ffn_norm.fp8_e4m3.L000, "
                  "ffn_norm.mxfp4.all, result_output.bf16.all): 6 of 6 identical, timing aside"),
+    Confirmation("results", 1, "4f22eab8dc1f6fcc",
+                 "driver.Context split along its jobs (LiveContext, eval_callback, FakeQuantSettings, Decoder; the "
+                 "same libllama calls in the same order): `python -m harness measurement verify --sample 6` on "
+                 "smollm2-f32 re-measured groups all, layer00, layer08, layer16, layer23, scale050 and 6 atlas points "
+                 "(max chunks 1) in memory: 12 of 12 identical to the cache (records and arrays, timing aside)"),
 )
 
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import pytest
-from native_pair import Pair
+
+from harness.compare import TEXT, Sides
 
 
 @pytest.fixture(scope="module")
 def pairs(models, request):
-    """pairs(name) -> the model's native_pair.Pair at the module's N_CTX, made once per model in
-    this module; its contexts are closed when the module is done."""
-    made: dict[str, Pair] = {}
+    """pairs(name) -> harness.compare.Sides on the model with TEXT's first N_CTX tokens (the module's
+    N_CTX, also the contexts' size), made once per model in this module; closed when the module is done."""
+    made: dict[str, Sides] = {}
 
-    def get(name: str) -> Pair:
+    def get(name: str) -> Sides:
         if name not in made:
-            made[name] = Pair(models[name], request.module.N_CTX)
+            n_ctx = request.module.N_CTX
+            made[name] = Sides(models[name], models[name].tokenize(TEXT)[:n_ctx], n_ctx)
         return made[name]
 
     yield get
-    for pair in made.values():
-        pair.close()
+    for sides in made.values():
+        sides.close()

@@ -11,8 +11,8 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-from native_pair import TEXT, bits
 
+from harness.compare import TEXT, Case, bits, compare, first_difference, one_rule_cases
 from harness.driver import FakeQuantRule, fake_quant_formats
 from harness.reference import Capture
 from harness.rounding import FORMATS, fake_quantize
@@ -69,21 +69,16 @@ def test_every_name_native_equals_reference(pairs, impl, model, name):
     """bf16 at every layer of one name: identical logit bits, identical counts, and the count is the
     number of tensors the listing gives that name."""
     pair = pairs(model)
-    native, reference, sites, applied = pair.compare([FakeQuantRule(name, "bf16")])
-    np.testing.assert_array_equal(bits(native), bits(reference))
     listed = next(t.count for t in pair.targets if t.graph == "pp" and t.name == name)
-    assert sites == applied == listed
+    result = pair.compare(Case((FakeQuantRule(name, "bf16"),), listed=listed))
+    assert result.equal, result.describe()
 
 
 def test_every_name_gemma3(pairs, impl):
     """Gemma 3 (pre- and post-FFN norms, a 262k vocabulary): every name of its graph."""
     pair = pairs("gemma3-q4_k_m")
-    failures = []
-    for target in (t for t in pair.targets if t.graph == "pp"):
-        native, reference, sites, applied = pair.compare([FakeQuantRule(target.name, "bf16")])
-        if not (np.array_equal(bits(native), bits(reference)) and sites == applied == target.count):
-            failures.append(f"{target.name}: sites {sites}, reference {applied}, listed {target.count}, "
-                            f"{int((bits(native) != bits(reference)).sum())} logits differ")
+    results = [pair.compare(case) for case in one_rule_cases([t for t in pair.targets if t.graph == "pp"], ["bf16"])]
+    failures = [r.describe() for r in results if not r.equal]
     assert not failures, "\n".join(failures)
 
 
@@ -91,15 +86,6 @@ def test_native_formats_are_the_references(build):
     """libllama accepts exactly the formats harness.rounding implements, in the same order."""
     assert fake_quant_formats(build) == FORMATS
     assert len(SCALED_FORMATS) == 13
-
-
-def _first_difference(native: list, reference: list) -> str:
-    """'' when both are the same sites with the same bits, else the first site that differs."""
-    for i, ((n_name, n_val), (r_name, r_val)) in enumerate(zip(native, reference)):
-        if n_name != r_name or n_val.shape != r_val.shape or not np.array_equal(bits(n_val), bits(r_val)):
-            differ = int((bits(n_val) != bits(r_val)).sum()) if n_val.shape == r_val.shape else -1
-            return f"site {i}: native {n_name} {n_val.shape}, reference {r_name} {r_val.shape}, {differ} values differ"
-    return "" if len(native) == len(reference) else f"{len(native)} native sites, {len(reference)} reference sites"
 
 
 @pytest.mark.parametrize("rotation", range(ROTATIONS))
@@ -112,37 +98,37 @@ def test_every_name_every_format(pairs, monkeypatch, model, rotation):
     last 4 with logits (Gemma's vocabulary is 262k): 13 rotations of 16 tokens cost what 3 of 64 would."""
     pair = pairs(model)
     pp = [t for t in pair.targets if t.graph == "pp"]
-    rules = [FakeQuantRule(t.name, SCALED_FORMATS[(i + rotation) % ROTATIONS]) for i, t in enumerate(pp)]
-    reference_logits, reference_sites = pair.record_reference(rules, 16, 12)
-    assert len(reference_sites) == sum(t.count for t in pp)
+    case = Case((FakeQuantRule(t.name, SCALED_FORMATS[(i + rotation) % ROTATIONS]) for i, t in enumerate(pp)),
+                n_tokens=16, first=12, record=True, listed=sum(t.count for t in pp))
+    reference = pair.run_reference(case)
+    assert reference.count == len(reference.sites) == case.listed
     for impl in ("fused", "portable"):
         monkeypatch.setenv("LLAMA_FAKE_QUANT_IMPL", impl)
-        native_logits, native_sites, n_sites = pair.record_native(rules, 16, 12)
-        assert n_sites == len(native_sites) == len(reference_sites), impl
-        difference = _first_difference(native_sites, reference_sites)
-        assert not difference, f"{impl}: {difference}"
-        np.testing.assert_array_equal(bits(native_logits), bits(reference_logits), err_msg=impl)
+        native = pair.run_native(case)
+        assert native.count == len(native.sites), impl
+        result = compare(case, native, reference)
+        assert result.equal, f"{impl}: {result.describe()}"
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0"])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_formats_and_scales_both_implementations(pairs, impl, fmt, scale):
     pair = pairs("smollm2-f32")
-    rules = [FakeQuantRule("ffn_norm", fmt, "0-4,20", scale), FakeQuantRule("result_output", fmt, "-1", scale)]
-    native, reference, sites, applied = pair.compare(rules)
-    np.testing.assert_array_equal(bits(native), bits(reference))
-    assert sites == applied == 7
-    assert not np.array_equal(bits(native), bits(pair.baseline))
+    rules = (FakeQuantRule("ffn_norm", fmt, "0-4,20", scale), FakeQuantRule("result_output", fmt, "-1", scale))
+    result = pair.compare(Case(rules, listed=7))
+    assert result.equal, result.describe()
+    assert result.changed
 
 
 def test_partial_logits_and_generation(pairs, impl):
     """A batch with logits for only some rows, and one-token decodes (the tg graph)."""
     pair = pairs("smollm2-f32")
     rules = [FakeQuantRule("ffn_norm", "bf16"), FakeQuantRule("result_output", "bf16")]
-    native, reference, sites, applied = pair.compare(rules, first=40)
-    assert native.shape == (len(pair.tokens) - 40, pair.model.n_vocab)
-    np.testing.assert_array_equal(bits(native), bits(reference))
-    assert sites == applied == pair.model.n_layer + 1
+    case = Case(rules, first=40, listed=pair.model.n_layer + 1)
+    native = pair.run_native(case)
+    assert native.logits.shape == (len(pair.tokens) - 40, pair.model.n_vocab)
+    result = compare(case, native, pair.run_reference(case))
+    assert result.equal, result.describe()
     pair.native.set_fake_quant(rules)
     pair.hook.set_rules(rules)
     try:
@@ -327,15 +313,6 @@ class OverwriteMany:
             self.results[name.removesuffix(".fq")] = data.copy()
 
 
-def _assert_same_bits(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    differ = bits(got) != bits(want)
-    if differ.any():
-        i = np.argwhere(differ)[0]
-        x = tuple(int(j) for j in i)
-        raise AssertionError(f"{what}: {int(differ.sum())} values differ; first at {x}: native {got[x]!r} "
-                             f"(0x{int(bits(got)[x]):08x}), reference {want[x]!r} (0x{int(bits(want)[x]):08x})")
-
-
 @pytest.mark.parametrize("fmt", SCALED_FORMATS)
 def test_crafted_values_through_the_scaled_formats(models, monkeypatch, fmt):
     """Crafted tensors written into ffn_norm-3, -5 and -7 from the eval callback, rounded by the native
@@ -358,8 +335,9 @@ def test_crafted_values_through_the_scaled_formats(models, monkeypatch, fmt):
         finally:
             ctx.close()
         for name, x in tensors.items():
-            _assert_same_bits(hook.results[name], fake_quantize(x, fmt, scale), f"{impl}, {threads} threads, "
-                              f"scale {scale}, {name}")
+            differ, first = first_difference(hook.results[name], fake_quantize(x, fmt, scale),
+                                             f"{impl}, {threads} threads, scale {scale}, {name}")
+            assert not differ, f"{differ} values differ; {first}"
 
 
 def test_impl_override_is_checked(pairs, monkeypatch):

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 import pytest
-from native_pair import TEXT, bits
 
+from harness.compare import TEXT, Case, bits
 from harness.driver import FakeQuantError, FakeQuantRule
 from harness.reference import Capture
 from harness.rounding import FORMATS, fake_quantize, representable
@@ -37,26 +37,19 @@ def rules_for(selection: str, fmt: str) -> list[FakeQuantRule]:
 @pytest.mark.parametrize("fmt", ["bf16", "f16", "q8_0"])
 @pytest.mark.parametrize("selection", sorted(SELECTIONS))
 def test_native_equals_reference_bitwise(pairs, model, fmt, selection):
-    pair = pairs(model)
-    rules = rules_for(selection, fmt)
-    native = pair.native_logits(rules)
-    sites = pair.native.fake_quant_sites
-    reference, applied = pair.reference_logits(rules)
-    np.testing.assert_array_equal(bits(native), bits(reference))
-    assert sites == applied > 0
+    result = pairs(model).compare(Case(rules_for(selection, fmt)))
+    assert result.equal and result.native_sites > 0, result.describe()
     if fmt == "bf16" or model == "smollm2-f32":
-        assert not np.array_equal(bits(native), bits(pair.baseline)), "fake quantization changed nothing"
+        assert result.changed, "fake quantization changed nothing"
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "f16"])
 def test_native_equals_reference_gemma3(pairs, fmt):
     pair = pairs("gemma3-q4_k_m")
-    rules = [FakeQuantRule("ffn_norm", fmt), FakeQuantRule("result_output", fmt)]
-    native = pair.native_logits(rules)
-    reference, applied = pair.reference_logits(rules)
-    np.testing.assert_array_equal(bits(native), bits(reference))
-    assert not np.array_equal(bits(native), bits(pair.baseline))
-    assert pair.native.fake_quant_sites == applied == pair.model.n_layer + 1
+    result = pair.compare(Case((FakeQuantRule("ffn_norm", fmt), FakeQuantRule("result_output", fmt)),
+                               listed=pair.model.n_layer + 1))
+    assert result.equal, result.describe()
+    assert result.changed
 
 
 @pytest.mark.parametrize("model", ["smollm2-q4_1", "smollm2-f32", "gemma3-q4_k_m"])
@@ -82,9 +75,9 @@ def test_off_equals_baseline_and_live_changes_take_effect(pairs, model):
 def test_scale_zero_is_baseline_and_applied_count(pairs):
     pair = pairs("smollm2-f32")
     before = pair.native.fake_quant_applied
-    np.testing.assert_array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "bf16", "-1", 0.0)])),
+    np.testing.assert_array_equal(bits(pair.run_native(Case((FakeQuantRule("ffn_norm", "bf16", "-1", 0.0),))).logits),
                                   bits(pair.baseline))
-    pair.native_logits([FakeQuantRule("ffn_norm", "bf16", "2-4")])
+    pair.run_native(Case((FakeQuantRule("ffn_norm", "bf16", "2-4"),)))
     assert pair.native.fake_quant_applied - before == 30 + 3  # one ubatch each: 30 sites, then 3
 
 
@@ -120,8 +113,10 @@ def test_masking_trap_f16_weights(pairs):
     """F16 weights: the matmul rounds activations to F16 itself, so f16 fake quantization of
     ffn_norm changes nothing at all, while bf16 (coarser) does."""
     pair = pairs("smollm2-f16")
-    np.testing.assert_array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "f16")])), bits(pair.baseline))
-    assert not np.array_equal(bits(pair.native_logits([FakeQuantRule("ffn_norm", "bf16")])), bits(pair.baseline))
+    np.testing.assert_array_equal(bits(pair.run_native(Case((FakeQuantRule("ffn_norm", "f16"),))).logits),
+                                  bits(pair.baseline))
+    assert not np.array_equal(bits(pair.run_native(Case((FakeQuantRule("ffn_norm", "bf16"),))).logits),
+                              bits(pair.baseline))
 
 
 @pytest.mark.parametrize(("model", "logits_finite"), [("gemma3-q4_k_m", True), ("gemma3-f32", False)])

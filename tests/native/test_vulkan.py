@@ -17,13 +17,20 @@ import pytest
 from harness.backend_check import check
 from harness.build import build as build_llama_cpp
 from harness.cache import HarnessError
+from harness.compare import Case
+from harness.driver import FakeQuantRule
 from harness.models import get_model
 from harness.rounding import FORMATS
 
 pytestmark = [pytest.mark.native, pytest.mark.vulkan]
 
 ENV = dict(os.environ, GGML_VK_VISIBLE_DEVICES="0")  # lavapipe is hidden without it
-CASES = [(target, fmt) for target in ("ffn_norm", "result_output", "attn_norm") for fmt in ("bf16", "f16")]
+def cases(pairs: list[tuple[str, str]]) -> list[Case]:
+    """One rule at every layer per (target, format); SmolLM2 has 30 layers and one result_output."""
+    return [Case((FakeQuantRule(t, f),), listed=1 if t == "result_output" else 30) for t, f in pairs]
+
+
+CASES = cases([(target, fmt) for target in ("ffn_norm", "result_output", "attn_norm") for fmt in ("bf16", "f16")])
 
 
 @pytest.fixture(scope="module")
@@ -46,26 +53,23 @@ def test_vulkan_native_equals_reference(vulkan, build, tmp_path, model, n_gpu_la
     """All layers offloaded, and a partial offload (-ngl 10: the first 20 layers on the CPU, the last
     10 and the output on the device; a context with a GPU backend builds the portable nodes for all):
     bit for bit against the reference, equal counts."""
-    baseline_equal, cases = check("vulkan", n_gpu_layers, get_model(model, build).path,
-                                  CASES + [("ffn_norm", "q8_0")], tmp_path, env=ENV)
-    assert baseline_equal, "the eval callback alone changed the logits"
-    for case in cases:
-        label = f"{case.target} {case.fmt}"
-        assert not case.error, f"{label}: {case.error}"
-        assert case.differ == 0, f"{label}: {case.differ} logits differ from the reference"
-        assert case.sites == case.applied == (1 if case.target == "result_output" else 30), label
+    baseline, results = check("vulkan", n_gpu_layers, get_model(model, build).path,
+                              CASES + cases([("ffn_norm", "q8_0")]), tmp_path, env=ENV)
+    assert baseline.bits_equal, f"the eval callback alone changed the logits: {baseline.describe()}"
+    for result in results:
+        assert result.equal, result.describe()
     # the masking trap on this backend (measured): Vulkan's matmuls take F16 activations, so f16 at
     # a matmul input changes nothing even with F32 weights; the Q4_1 model's logits come out of the
     # device already F16-representable. Everything else changes the logits.
     masked = {("ffn_norm", "f16"), ("attn_norm", "f16")} | ({("result_output", "f16")} if model == "smollm2-q4_1" else set())
-    changed = {(c.target, c.fmt) for c in cases if c.changed}
-    assert changed == {(c.target, c.fmt) for c in cases} - masked
+    changed = {(r.case.rules[0].target, r.case.rules[0].fmt) for r in results if r.changed}
+    assert changed == {(r.case.rules[0].target, r.case.rules[0].fmt) for r in results} - masked
 
 
 # the formats without a ggml type: a custom node per site that the scheduler runs on the CPU, out of
 # place (x copied from the device, y copied back), with a copy over x for the logits (a graph output)
-SCALED_CASES = [("ffn_norm", f) for f in FORMATS if f not in ("bf16", "f16", "q8_0")] + [
-    ("result_output", "nvfp4"), ("result_output", "fp8_e5m2_tensor"), ("attn_norm", "mxint8")]
+SCALED_CASES = cases([("ffn_norm", f) for f in FORMATS if f not in ("bf16", "f16", "q8_0")] + [
+    ("result_output", "nvfp4"), ("result_output", "fp8_e5m2_tensor"), ("attn_norm", "mxint8")])
 
 
 @pytest.mark.parametrize(("model", "n_gpu_layers"), [("smollm2-f32", 99), ("smollm2-q4_1", 10)])
@@ -73,14 +77,11 @@ def test_vulkan_scaled_formats(vulkan, build, tmp_path, model, n_gpu_layers):
     """Every format of FORMATS.md and mxfp4_ggml at ffn_norm, a tensor-scaled format and NVFP4 at the
     logits, MXINT8 at attn_norm: bit for bit against the reference, equal counts, and each changes
     the logits."""
-    baseline_equal, cases = check("vulkan", n_gpu_layers, get_model(model, build).path, SCALED_CASES, tmp_path, env=ENV)
-    assert baseline_equal, "the eval callback alone changed the logits"
-    for case in cases:
-        label = f"{case.target} {case.fmt}"
-        assert not case.error, f"{label}: {case.error}"
-        assert case.differ == 0, f"{label}: {case.differ} logits differ from the reference"
-        assert case.sites == case.applied == (1 if case.target == "result_output" else 30), label
-        assert case.changed, f"{label} changed nothing"
+    baseline, results = check("vulkan", n_gpu_layers, get_model(model, build).path, SCALED_CASES, tmp_path, env=ENV)
+    assert baseline.bits_equal, f"the eval callback alone changed the logits: {baseline.describe()}"
+    for result in results:
+        assert result.equal, result.describe()
+        assert result.changed, f"{result.case.label} changed nothing"
 
 
 def test_vulkan_cli_runs_offloaded(vulkan, build):
