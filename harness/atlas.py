@@ -69,8 +69,8 @@ from harness.formats import TABLE
 from harness.driver import FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
-from harness.records import (Advice, Estimate, Held, MeasuredPoint, NonFinite, NonFinitePoint, PointId, Site,
-                             SkippedPoint, Timing, point_from_json)
+from harness.records import (Additivity, AdditivitySkipped, Advice, Estimate, Held, MeasuredPoint, NonFinite,
+                             NonFinitePoint, PointId, Site, SkippedPoint, Timing, point_from_json)
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
 from harness.runner import ModelSession, entry_name
@@ -421,7 +421,7 @@ class ModelAtlas:
         return self.session.ctx.compute_seconds
 
 
-def additivity(singles: Sequence[Sequence[float]], whole: Sequence[float]) -> dict:
+def additivity(position: str, fmt: str, singles: Sequence[Sequence[float]], whole: Sequence[float]) -> Additivity:
     """Sum of per-layer KLDs vs the all-layers KLD on the tokens all of them measured (the
     per-token arrays are chunk-ordered, so their common prefix): intervals of each, and of the
     paired per-token difference (sum - all)."""
@@ -431,9 +431,9 @@ def additivity(singles: Sequence[Sequence[float]], whole: Sequence[float]) -> di
     total = np.sum([np.asarray(s[:n], dtype=np.float64) for s in singles], axis=0)
     every = np.asarray(whole[:n], dtype=np.float64)
     diff = paired_ci(total, every, resamples=RESAMPLES)
-    return {"n_tokens": n, "sum_ci": mean_ci(total, resamples=RESAMPLES).triple(),
-            "all_ci": mean_ci(every, resamples=RESAMPLES).triple(), "difference_ci": diff.triple(),
-            "verdict": additivity_verdict(diff)}
+    return Additivity(position, fmt, n, Estimate(*mean_ci(total, resamples=RESAMPLES).triple()),
+                      Estimate(*mean_ci(every, resamples=RESAMPLES).triple()), Estimate(*diff.triple()),
+                      additivity_verdict(diff))
 
 
 def additivity_verdict(diff: Interval) -> str:
@@ -462,18 +462,18 @@ def assemble(atlas: ModelAtlas, records: Sequence[dict], run_seconds: dict[str, 
             if whole is None:
                 continue
             singles = [by_point.get(Point(p.name, fmt, il)) for il in range(n_layer)]
-            entry = {"position": p.name, "fmt": fmt}
             missing = [il for il, r in enumerate(singles) if r is None]
             overflowed = [il for il, r in enumerate(singles) if r is not None and "non_finite" in r]
             if missing:
-                entry["skipped"] = f"layers {layer_spec(missing)} not measured (the sum needs every layer)"
+                why = f"layers {layer_spec(missing)} not measured (the sum needs every layer)"
             elif overflowed:
-                entry["skipped"] = f"non-finite logits at layers {layer_spec(overflowed)} (no finite sum)"
+                why = f"non-finite logits at layers {layer_spec(overflowed)} (no finite sum)"
             elif "non_finite" in whole:
-                entry["skipped"] = "non-finite logits with every layer at once (no finite KLD to compare)"
+                why = "non-finite logits with every layer at once (no finite KLD to compare)"
             else:
-                entry |= additivity([r["kld"] for r in singles], whole["kld"])
-            additive.append(entry)
+                additive.append(additivity(p.name, fmt, [r["kld"] for r in singles], whole["kld"]).to_json())
+                continue
+            additive.append(AdditivitySkipped(p.name, fmt, why).to_json())
     measured = [r for r in records if "skipped" not in r]
     wall = sum(r["timing"]["wall_s"] for r in measured)
     compute = sum(r["timing"]["compute_s"] for r in measured)

@@ -18,7 +18,8 @@ import numpy as np
 
 from harness.atlas import layer_spec
 from harness.cache import HarnessError
-from harness.records import Estimate, MeasuredPoint, NonFinitePoint, PointRecord, SkippedPoint, point_from_json
+from harness.records import (Additivity, AdditivitySkipped, Estimate, MeasuredPoint, NonFinitePoint, PointRecord,
+                             RecordError, SkippedPoint, additivity_from_json, point_from_json)
 from harness.report import _pyplot, _save, _yerr, backend_text, duration, num, pct, ratio, table, with_ci
 
 TOP_PAIRS = 10
@@ -49,6 +50,8 @@ class View:
         self.names = [p["name"] for p in model["positions"]]
         self.records: list[PointRecord] = [point_from_json(r, f"{self.label}'s point") for r in model["points"]]
         self.points = {(r.point.position, r.point.fmt, r.point.layer): r for r in self.records}
+        self.additivity = [additivity_from_json(e, f"{self.label}'s additivity[{i}]")
+                           for i, e in enumerate(model["additivity"])]
 
     def get(self, position: str, fmt: str, layer: int | None = None) -> MeasuredPoint | None:
         """A point measured to a KLD (None when absent, skipped or with non-finite logits)."""
@@ -371,24 +374,23 @@ def section_all_layers(v: View) -> list[str]:
 
 def section_additivity(v: View) -> list[str]:
     lines = ["### Additivity: the sum of single layers vs every layer at once", ""]
-    entries = v.m["additivity"]
+    entries = v.additivity
     if not entries:
         return lines + ["Skipped: no position has both its all-layers point and single-layer points.", ""]
     rows = []
     for e in entries:
-        if "skipped" in e:
-            rows.append([f"`{e['position']}`", e["fmt"], "–", "–", "–", "–", f"skipped: {e['skipped']}"])
+        if isinstance(e, AdditivitySkipped):
+            rows.append([f"`{e.position}`", e.fmt, "–", "–", "–", "–", f"skipped: {e.skipped}"])
         else:
-            rows.append([f"`{e['position']}`", e["fmt"], str(e["n_tokens"]),
-                         *(with_ci(Estimate.from_json(e[k])) for k in ("sum_ci", "all_ci", "difference_ci")),
-                         e["verdict"]])
+            rows.append([f"`{e.position}`", e.fmt, str(e.n_tokens),
+                         *(with_ci(ci) for ci in (e.sum_ci, e.all_ci, e.difference_ci)), e.verdict])
     lines += table(["position", "format", "tokens", "Σ single layers [95 % CI]", "all layers [95 % CI]",
                     "sum − all [95 % CI]", "verdict"], rows)
-    done = [e for e in entries if "skipped" not in e]
+    done = [e for e in entries if isinstance(e, Additivity)]
     if done:
         counts: dict[str, int] = {}
         for e in done:
-            word = e["verdict"].split(" ")[0]
+            word = e.verdict.split(" ")[0]
             counts[word] = counts.get(word, 0) + 1
         lines += [f"Of {len(done)} position-format pairs: " + ", ".join(f"{n} {w}" for w, n in counts.items()) + ".",
                   ""]
@@ -527,7 +529,7 @@ def render_atlas(atlas_path: Path, out_dir: Path) -> Path:
             plots[name] = plot_ranking(v, out_dir / name)
             lines += section_model(v, plots)
         lines += section_between(views)
-    except (KeyError, TypeError, IndexError) as exc:
+    except (KeyError, TypeError, IndexError, RecordError) as exc:
         raise HarnessError(f"atlas file {atlas_path} is malformed ({type(exc).__name__}: {exc})") from exc
     lines += ["---", "", f"Data: `{Path(atlas_path).resolve()}`", ""]
     path = out_dir / "atlas.md"

@@ -475,6 +475,68 @@ class DosePoint:
         return {"scale": self.scale, "kld_ci": self.kld_ci.to_json()}
 
 
+@dataclass(frozen=True)
+class AcrossModels:
+    """One hypothesis's recorded verdicts across models (harness.verdicts.across_models): `finding` is
+    "same", "weight format", "architecture", both joined by "and", "confounded" or "too few"; `differs` and
+    `compared` are keyed by "weight format" and "architecture"; `formats` is each model's weight format as
+    compared (every quantized type is "quantized")."""
+
+    hypothesis: str
+    statement: str
+    finding: str
+    verdicts: dict[str, str]
+    formats: dict[str, str]
+    differs: dict[str, list[list[str]]]
+    compared: dict[str, int]
+    unrecorded: list[str]
+
+    @classmethod
+    def from_json(cls, data: Mapping, where: str = "across_models entry") -> AcrossModels:
+        return cls(**_kwargs(cls, data, where))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# atlas additivity (harness.atlas.assemble → atlas.json → the atlas report) --------------------------
+
+@dataclass(frozen=True)
+class Additivity:
+    """Per position and format: the per-token sum of the single-layer KLDs against every layer at once, on
+    the tokens all of them measured, with the interval of the paired difference (sum − all)."""
+
+    position: str
+    fmt: str
+    n_tokens: int
+    sum_ci: Estimate
+    all_ci: Estimate
+    difference_ci: Estimate
+    verdict: str    # additive, sub-additive or super-additive, with its reason
+
+    def to_json(self) -> dict:
+        return asdict(self) | {k: getattr(self, k).to_json() for k in ("sum_ci", "all_ci", "difference_ci")}
+
+
+@dataclass(frozen=True)
+class AdditivitySkipped:
+    """A position and format whose sum could not be formed, and why."""
+
+    position: str
+    fmt: str
+    skipped: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def additivity_from_json(data: Mapping, where: str = "additivity entry") -> Additivity | AdditivitySkipped:
+    if isinstance(data, Mapping) and "skipped" in data:
+        return AdditivitySkipped(**_kwargs(AdditivitySkipped, data, where))
+    kw = _kwargs(Additivity, data, where)
+    return Additivity(**kw | {k: Estimate.from_json(kw[k], f"{where}.{k}") for k in ("sum_ci", "all_ci", "difference_ci")})
+
+
 # the cache, read back through the types -------------------------------------------------------------
 
 def same_json(a: Any, b: Any) -> bool:

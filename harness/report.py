@@ -21,8 +21,8 @@ from harness.cache import HarnessError
 from harness.driver import FakeQuantRule
 from harness.matrix import EVERY_LAYER
 from harness.metrics import METRICS, Metric
-from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, RecordError, SweepTop, TokenSummary,
-                             Verdict)
+from harness.records import (AcrossModels, Comparison, DosePoint, Estimate, GroupRecord, RecordError, SweepTop,
+                             TokenSummary, Verdict)
 from harness.verdicts import weight_format
 
 REQUIRED_KEYS = ("provenance", "models", "groups")
@@ -164,6 +164,7 @@ class Results:
         self.dose = {m: [DosePoint.from_json(p, f"dose_response.{m}") for p in pts]
                      for m, pts in (data.get("dose_response") or {}).items()}
         self.sweep_top = {m: SweepTop.from_json(t, f"sweep_top.{m}") for m, t in (data.get("sweep_top") or {}).items()}
+        self.across = [AcrossModels.from_json(a, f"across_models[{i}]") for i, a in enumerate(data.get("across_models") or [])]
         names = list(self.models)
         names += [g.model for g in self.groups if g.model not in names]
         self.model_names = list(dict.fromkeys(names))
@@ -596,19 +597,19 @@ def verdict_cell(v: Verdict) -> str:
     return f"**{v.verdict}** ({note})"
 
 
-def across_sentence(res: Results, a: dict) -> str:
+def across_sentence(res: Results, a: AcrossModels) -> str:
     """One hypothesis's recorded verdicts across models: the same everywhere, or what they depend on."""
-    verdicts, formats = a["verdicts"], a["formats"]
+    verdicts, formats = a.verdicts, a.formats
 
     def who(m: str, what: str) -> str:
         return f"{m} ({what}) {verdicts[m]}"
 
-    head = f"**{a['hypothesis']}** ({a['statement']})"
-    n_format, n_arch = a["compared"]["weight format"], a["compared"]["architecture"]
+    head = f"**{a.hypothesis}** ({a.statement})"
+    n_format, n_arch = a.compared["weight format"], a.compared["architecture"]
     compared = f"{n_format} weight-format and {n_arch} architecture pairs"
-    if a["finding"] == "too few":
+    if a.finding == "too few":
         text = f"{head}: fewer than two models have a recorded verdict; nothing to compare."
-    elif a["finding"] == "same":
+    elif a.finding == "same":
         v = next(iter(verdicts.values()))
         where = "both models" if len(verdicts) == 2 else f"all {len(verdicts)} models"
         if n_format and n_arch:
@@ -620,21 +621,21 @@ def across_sentence(res: Results, a: dict) -> str:
             claim = "no two of them differ in one respect only."
         text = (f"{head} {VERDICT_VERB.get(v, v)} on {where} with a recorded verdict ({', '.join(verdicts)}; "
                 f"{compared} compared): {claim}")
-    elif a["finding"] == "confounded":
+    elif a.finding == "confounded":
         text = (f"{head} differs between models ({', '.join(f'{m} {v}' for m, v in verdicts.items())}), but never "
                 f"between two that differ in one respect only ({compared} compared): what it depends on is open.")
     else:
         parts = []
-        if a["differs"]["weight format"]:
+        if a.differs["weight format"]:
             parts.append("on the weight format (" + "; ".join(
                 f"{res.models[x]['arch']}: {who(x, res.weight_type(x))} vs {who(y, res.weight_type(y))}"
-                for x, y in a["differs"]["weight format"]) + ")")
-        if a["differs"]["architecture"]:
+                for x, y in a.differs["weight format"]) + ")")
+        if a.differs["architecture"]:
             parts.append("on the architecture (" + "; ".join(
                 f"{formats[x]} weights: {who(x, res.models[x]['arch'])} vs {who(y, res.models[y]['arch'])}"
-                for x, y in a["differs"]["architecture"]) + ")")
+                for x, y in a.differs["architecture"]) + ")")
         text = f"{head} depends " + " and ".join(parts) + "."
-        masked = [(q, f) for x, y in a["differs"]["weight format"]
+        masked = [(q, f) for x, y in a.differs["weight format"]
                   for q, f in ((x, y), (y, x)) if formats[q] == "quantized" and res.is_f32(f)
                   and verdicts[f] == "holds" and verdicts[q] != "holds"]
         if masked:
@@ -642,14 +643,14 @@ def across_sentence(res: Results, a: dict) -> str:
                      + ", ".join(f"{q} vs {f}" for q, f in masked) + "): this points to masking, the quantized "
                      "model's matmuls quantize activations to 8 bits, an error of their own that hides part of the "
                      "rounding's, while F32 weights measure the rounding alone.")
-    if a["unrecorded"]:
-        text += f" Not recorded, left out: {', '.join(a['unrecorded'])} (record with `{record_command(res)}`)."
+    if a.unrecorded:
+        text += f" Not recorded, left out: {', '.join(a.unrecorded)} (record with `{record_command(res)}`)."
     return text
 
 
 def section_across(res: Results) -> list[str]:
     lines = ["## Verdicts across models", ""]
-    across = res.data.get("across_models") or []
+    across = res.across
     if not across:
         return lines + ["The results hold no comparison of verdicts across models (`across_models`).", ""]
     lines += ["From the verdicts recorded with the snapshots (tests/snapshots/verdicts/MODEL.json) and each model's "

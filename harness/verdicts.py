@@ -29,7 +29,8 @@ from harness.cache import cache_root, cpu_model
 from harness.corpus import CORPUS_ENV
 from harness.metrics import METRICS
 from harness.models import USER_MODEL_ENV
-from harness.records import Blocks, Comparison, DosePoint, Estimate, GroupRecord, SweepTop, Tasks, Verdict
+from harness.records import (AcrossModels, Blocks, Comparison, DosePoint, Estimate, GroupRecord, SweepTop, Tasks,
+                             Verdict)
 
 RESULTS_ENV = "FQ_RESULTS"
 DEFAULT_RESULTS = Path("report") / "results.json"
@@ -127,7 +128,8 @@ def weight_format(weight_type: str) -> str:
     return "quantized" if weight_type.startswith(QUANTIZED) else weight_type
 
 
-def across_models(models: Mapping[str, Mapping[str, str]], recorded: Mapping[str, Mapping[str, str]]) -> list[dict]:
+def across_models(models: Mapping[str, Mapping[str, str]],
+                  recorded: Mapping[str, Mapping[str, str]]) -> list[AcrossModels]:
     """Per hypothesis, whether its recorded verdict is the same on every model, or changes with the
     weight format (two models of one architecture, different formats) or with the architecture (two
     architectures, one format). `models`: name -> its GGUF metadata ("arch", "weight_type"), never its
@@ -153,9 +155,8 @@ def across_models(models: Mapping[str, Mapping[str, str]], recorded: Mapping[str
             finding = "same"
         else:
             finding = " and ".join(what for what, pairs in differs.items() if pairs) or "confounded"
-        out.append({"hypothesis": h.id, "statement": h.statement, "finding": finding, "verdicts": have,
-                    "formats": fmt, "differs": differs, "compared": compared,
-                    "unrecorded": [m for m in models if m not in have]})
+        out.append(AcrossModels(h.id, h.statement, finding, have, fmt, differs, compared,
+                                [m for m in models if m not in have]))
     return out
 
 
@@ -250,7 +251,7 @@ def write_results(sessions: dict[str, object], build_fingerprint: dict, corpus: 
                            "record_command": record_command()},
             "group_wall_seconds": round(wall, 1), "group_compute_seconds": round(compute, 1),
         },
-        "models": models, "groups": groups, "verdicts": verdicts, "across_models": across_models(models, recorded),
+        "models": models, "groups": groups, "verdicts": verdicts, "across_models": [a.to_json() for a in across_models(models, recorded)],
         "dose_response": dose, "sweep_top": sweeps,
     }
     path = path or results_path()

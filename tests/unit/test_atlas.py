@@ -191,22 +191,22 @@ def test_store_key_holds_the_declared_versions_and_the_rule_not_the_code(tmp_pat
 def test_additivity_of_exactly_additive_layers():
     rng = np.random.default_rng(0)
     singles = [rng.gamma(0.5, 1e-6, 900) for _ in range(3)]
-    result = additivity(singles, np.sum(singles, axis=0))
-    assert result["n_tokens"] == 900
-    assert result["difference_ci"] == [0.0, 0.0, 0.0] and result["verdict"].startswith("additive")
-    assert result["sum_ci"][0] == pytest.approx(np.sum(singles, axis=0).mean(), rel=1e-12)
+    result = additivity("ffn_norm", "bf16", singles, np.sum(singles, axis=0))
+    assert (result.position, result.fmt, result.n_tokens) == ("ffn_norm", "bf16", 900)
+    assert result.difference_ci.to_json() == [0.0, 0.0, 0.0] and result.verdict.startswith("additive")
+    assert result.sum_ci.estimate == pytest.approx(np.sum(singles, axis=0).mean(), rel=1e-12)
 
 
 def test_additivity_directions_and_the_common_prefix():
     rng = np.random.default_rng(1)
     singles = [rng.gamma(0.5, 1e-6, 894), rng.gamma(0.5, 1e-6, 447)]  # one point stopped after one chunk
     total = singles[0][:447] + singles[1]
-    half = additivity(singles, np.concatenate([total / 2, np.ones(447)]))
-    assert half["n_tokens"] == 447
-    assert half["all_ci"][0] == pytest.approx(total.mean() / 2, rel=1e-12)
-    assert half["difference_ci"][1] > 0 and half["verdict"].startswith("sub-additive")
-    double = additivity(singles, total * 2)
-    assert double["difference_ci"][2] < 0 and double["verdict"].startswith("super-additive")
+    half = additivity("l_out", "mxfp4", singles, np.concatenate([total / 2, np.ones(447)]))
+    assert half.n_tokens == 447
+    assert half.all_ci.estimate == pytest.approx(total.mean() / 2, rel=1e-12)
+    assert half.difference_ci.lo > 0 and half.verdict.startswith("sub-additive")
+    double = additivity("l_out", "mxfp4", singles, total * 2)
+    assert double.difference_ci.hi < 0 and double.verdict.startswith("super-additive")
 
 
 # the advisor -----------------------------------------------------------------------------------

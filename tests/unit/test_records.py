@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from harness import matrix
-from harness.records import (Comparison, DosePoint, Estimate, GroupRecord, Held, MeasuredPoint, NonFinitePoint, RecordError,
+from harness.records import (AcrossModels, Additivity, AdditivitySkipped, Comparison, DosePoint, Estimate,
+                             GroupRecord, Held, additivity_from_json, MeasuredPoint, NonFinitePoint, RecordError,
                              SkippedPoint, SweepTop, Verdict, point_from_json, round_trip_cache, same_json)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -111,3 +112,22 @@ def test_the_budget_verdict_comes_from_the_interval(budget, verdict):
     assert held.verdict.startswith(verdict), (budget, held)
     if verdict == "undecided":
         assert ("mean is within" in held.verdict) == (budget >= 2.0)
+
+
+def test_additivity_entries_and_verdicts_across_models_round_trip():
+    """The atlas's additivity entries (measured or skipped) and results.json's across_models entries read
+    back as types and write back the same JSON; an unknown key is an error naming it."""
+    measured = {"position": "ffn_norm", "fmt": "mxfp4", "n_tokens": 447, "sum_ci": [0.28, 0.26, 0.31],
+                "all_ci": [0.34, 0.30, 0.37], "difference_ci": [-0.05, -0.08, -0.02],
+                "verdict": "super-additive (all layers at once hurt more than the sum)"}
+    skipped = {"position": "l_out", "fmt": "f16", "skipped": "non-finite logits at layers 7-16 (no finite sum)"}
+    assert isinstance(additivity_from_json(measured), Additivity)
+    assert isinstance(additivity_from_json(skipped), AdditivitySkipped)
+    for entry in (measured, skipped):
+        assert json.dumps(additivity_from_json(entry).to_json()) == json.dumps(entry)
+    across = {"hypothesis": "H2", "statement": "s", "finding": "weight format", "verdicts": {"a": "holds", "b": "refuted"},
+              "formats": {"a": "quantized", "b": "F32"}, "differs": {"weight format": [["a", "b"]], "architecture": []},
+              "compared": {"weight format": 1, "architecture": 0}, "unrecorded": []}
+    assert json.dumps(AcrossModels.from_json(across).to_json()) == json.dumps(across)
+    with pytest.raises(RecordError, match="has no field 'extra'"):
+        additivity_from_json(measured | {"extra": 1})

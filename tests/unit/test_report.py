@@ -265,7 +265,7 @@ def four_models(data: dict, recorded: dict[str, dict[str, str]]) -> dict:
     for name, (arch, weight_type) in FOUR_MODELS.items():
         out["models"].setdefault(name, dict(out["models"]["smollm2-f32"], label=name))
         out["models"][name].update(arch=arch, weight_type=weight_type)
-    out["across_models"] = across_models(out["models"], recorded)
+    out["across_models"] = [a.to_json() for a in across_models(out["models"], recorded)]
     return out
 
 
@@ -303,7 +303,7 @@ def test_verdicts_across_models_follow_the_metadata(tmp_path: Path, data: dict) 
     results["models"]["smollm2-f32"]["weight_type"] = "Q8_0"
     from harness.verdicts import across_models
 
-    results["across_models"] = across_models(results["models"], recorded)
+    results["across_models"] = [a.to_json() for a in across_models(results["models"], recorded)]
     text = section(render(write(tmp_path, results), tmp_path / "out").read_text(), "Verdicts across models")
     line = next(line for line in text.splitlines() if line.startswith("**H1**"))
     assert "depends on the architecture (quantized weights: smollm2-q4_1 (llama) holds vs smollm2-f32 (gemma3) " \

@@ -103,7 +103,7 @@ FOUR = {"m1": {"arch": "llama", "weight_type": "Q4_1"}, "m2": {"arch": "llama", 
 
 
 def across(recorded: dict[str, dict[str, str]], models: dict = FOUR) -> dict[str, dict]:
-    return {a["hypothesis"]: a for a in verdicts.across_models(models, recorded)}
+    return {a.hypothesis: a.to_json() for a in verdicts.across_models(models, recorded)}
 
 
 def test_weight_format_groups_every_quantized_type():
