@@ -66,7 +66,7 @@ import numpy as np
 from harness import matrix
 from harness.cache import KEY_FILE, HarnessError, cache_root, progress, publish, write_atomic
 from harness.formats import TABLE
-from harness.driver import FakeQuantError, FakeQuantRule, Target
+from harness.driver import EVERY_LAYER, FakeQuantError, FakeQuantRule, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
 from harness.records import (Additivity, AdditivitySkipped, Advice, Estimate, Held, MeasuredPoint, NonFinite,
@@ -133,7 +133,7 @@ class Point:
 
     @property
     def rule(self) -> FakeQuantRule:
-        return FakeQuantRule(self.position, self.fmt, matrix.EVERY_LAYER if self.layer is None else str(self.layer))
+        return FakeQuantRule(self.position, self.fmt, EVERY_LAYER if self.layer is None else str(self.layer))
 
 
 def skip_reason(point: Point, ne0: int) -> str | None:
@@ -301,10 +301,10 @@ def run_points(points: Sequence[Point], store: PointStore, measure: Callable[[Po
 
 
 def parse_layers(spec: str | None, n_layer: int) -> list[int]:
-    """A layer spec (matrix.EVERY_LAYER or None: all; "N", "A-B", "A,B", mixtures) as sorted layers,
+    """A layer spec (EVERY_LAYER or None: all; "N", "A-B", "A,B", mixtures) as sorted layers,
     expanded by the reference's parser; a clear error naming the spec and the model's layers."""
-    spec = matrix.EVERY_LAYER if spec is None else spec
-    if spec != matrix.EVERY_LAYER and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec):
+    spec = EVERY_LAYER if spec is None else spec
+    if spec != EVERY_LAYER and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", spec):
         raise HarnessError(f"malformed layer spec {spec!r} (allowed: -1, N, A-B, A,B or a mixture)")
     try:
         chosen = reference_layers(spec, n_layer)
@@ -549,7 +549,7 @@ def rules_for(sites: Iterable[Site], fmt: str) -> list[FakeQuantRule]:
 def cli_flags(rules: Iterable[FakeQuantRule]) -> str:
     """The llama.cpp tools' flags for the same rules (native/README.md: --fake-quant-tensor NAME:TYPE[:LAYERS])."""
     return " ".join(f"--fake-quant-tensor {r.target}:{r.fmt}"
-                    + ("" if r.layers == matrix.EVERY_LAYER else f":{r.layers}") for r in rules)
+                    + ("" if r.layers == EVERY_LAYER else f":{r.layers}") for r in rules)
 
 
 def check_advice(fmt: str, budget: float) -> None:

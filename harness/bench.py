@@ -342,7 +342,7 @@ def cli_flags(rules: Sequence[FakeQuantRule]) -> list[str]:
     flags = []
     for r in rules:
         flag = {"ffn_norm": "--fake-quant-ffn-norm", "result_output": "--fake-quant"}.get(r.target)
-        if flag is None or r.layers != "-1" or r.scale != 1.0:
+        if flag is None or r.layers != driver.EVERY_LAYER or r.scale != 1.0:
             raise HarnessError(f"no llama-completion flag for {r} (allowed: ffn_norm or result_output, every layer, "
                                "scale 1)")
         flags += [flag, r.fmt]

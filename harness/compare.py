@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-from harness.driver import Context, FakeQuantError, FakeQuantRule, Model, Target
+from harness.driver import EVERY_LAYER, Context, FakeQuantError, FakeQuantRule, Model, Target
 from harness.reference import ReferenceFakeQuant
 
 TEXT = ("The quick brown fox jumps over the lazy dog. In 1905, Einstein published four papers; "
@@ -49,7 +49,7 @@ class Case:
     @property
     def label(self) -> str:
         """Each rule as target and format (layers and scale where not the defaults), joined by " + "."""
-        parts = [" ".join([r.target, r.fmt] + ([f"layers {r.layers}"] if r.layers != "-1" else [])
+        parts = [" ".join([r.target, r.fmt] + ([f"layers {r.layers}"] if r.layers != EVERY_LAYER else [])
                           + ([f"scale {r.scale}"] if r.scale != 1.0 else [])) for r in self.rules]
         return " + ".join(parts) or "no rules"
 

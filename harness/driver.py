@@ -31,13 +31,16 @@ class FakeQuantError(ValueError):
     """A fake-quant setting libllama rejected; the message is libllama's."""
 
 
+EVERY_LAYER = "-1"  # the layer spec of a FakeQuantRule for every layer (as --fake-quant-tensor spells it)
+
+
 @dataclass(frozen=True)
 class FakeQuantRule:
     """Round `target` (a graph tensor name without its "-<layer>" suffix) to `fmt` and back."""
 
     target: str
     fmt: str
-    layers: str = "-1"
+    layers: str = EVERY_LAYER
     scale: float = 1.0
 
 

@@ -13,9 +13,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from harness.driver import FakeQuantRule
+from harness.driver import EVERY_LAYER, FakeQuantRule
 
-EVERY_LAYER = "-1"  # the layer spec of a FakeQuantRule for every layer (as --fake-quant-tensor spells it)
 
 # model name -> layer count (checked against the loaded model): two architectures (SmolLM2-135M,
 # llama; Gemma 3 270M, with post-norms and a 262k vocabulary), each as shipped (quantized weights:

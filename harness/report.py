@@ -19,7 +19,7 @@ from typing import Any
 
 from harness.cache import HarnessError
 from harness.driver import FakeQuantRule
-from harness.matrix import EVERY_LAYER
+from harness.driver import EVERY_LAYER
 from harness.metrics import METRICS, Metric
 from harness.records import (AcrossModels, Comparison, DosePoint, Estimate, GroupRecord, RecordError, SweepTop,
                              TokenSummary, Verdict)
