@@ -115,6 +115,16 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "same libllama calls in the same order): `python -m harness measurement verify --sample 6` on "
                  "smollm2-f32 re-measured groups all, layer00, layer08, layer16, layer23, scale050 and 6 atlas points "
                  "(max chunks 1) in memory: 12 of 12 identical to the cache (records and arrays, timing aside)"),
+    Confirmation("results", 1, "d0015cc467e61d26",
+                 "the engine and records branches merged; Held with its lower bound (the advisor's verdict), "
+                 "AcrossModels, Additivity/AdditivitySkipped typed, EVERY_LAYER moved to driver.py: `python -m "
+                 "harness measurement verify` on the merged code (commit after the engine merge): smollm2-q4_1 "
+                 "--sample 4 --max-chunks 4, 8 of 8 identical; gemma3-f32 --sample 2 --max-chunks 4, 4 of 4 identical; "
+                 "on this code (commit 3b5d4b4): smollm2-f32 --sample 3, 6 of 6 identical (timing aside)"),
+    Confirmation("atlas", 1, "3f79695e448eacb9",
+                 "the same verify runs' atlas points identical; `python -m harness atlas --layers none` re-assembled "
+                 "atlas.json from the cache (0 points measured): equal to the one measured with commit fcf75b4 apart "
+                 "from the date and this run's timing (every additivity entry included)"),
 )
 
 
