@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.atlas import layer_spec
 from harness.cache import HarnessError
-from harness.records import (Additivity, AdditivitySkipped, Estimate, MeasuredPoint, NonFinitePoint, PointRecord,
+from harness.records import (Additivity, AdditivitySkipped, MeasuredPoint, NonFinitePoint, PointRecord,
                              RecordError, SkippedPoint, additivity_from_json, point_from_json)
 from harness.report import _pyplot, _save, _yerr, backend_text, duration, num, pct, ratio, table, with_ci
 

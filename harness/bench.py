@@ -550,8 +550,8 @@ def _main_instructions(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
                 "its options: --models, --formats, --tokens, --jobs, --out)")
     out = args.out or Path("report") / "bench-instructions.json"
     try:
-        result = run_instructions(args.models.split(",") if args.models else ["smollm2-q4_1"], args.formats,
-                                  tokens=args.tokens or INSTR_TOKENS, jobs=args.jobs, out=out)
+        run_instructions(args.models.split(",") if args.models else ["smollm2-q4_1"], args.formats,
+                         tokens=args.tokens or INSTR_TOKENS, jobs=args.jobs, out=out)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
