@@ -32,7 +32,8 @@ DEVICE = "StubGPU"
 CASES = ("q8_0_refused", "bf16_accepted", "f16_accepted", "q8_0_accepted", "q8_0_fused_not_asked",
          "bf16_fused_not_asked", "bf16_refused", "bf16_blend_dequant_refused", "bf16_blend_sub_refused",
          "q8_0_second_layer_refused", "mxfp4_portable_not_asked", "nvfp4_portable_not_asked", "nvfp4_fused",
-         "mxfp4_output_copy_refused", "mxfp4_output_copy_accepted", "q8_0_rows_not_multiple",
+         "mxfp4_output_copy_refused", "mxfp4_output_copy_accepted", "mxfp4_nested_view", "bf16_nested_view",
+         "q8_0_rows_not_multiple",
          "mxfp4_ggml_rows_not_multiple", "mxfp4_rows_not_multiple")
 # the single-site graph: x = scale(inp) named ffn_norm-0, read twice by out-0 = add(x, x)
 REWIRED_READS = "ffn_norm-0.fq, ffn_norm-0.fq"
@@ -175,6 +176,28 @@ def test_formats_without_a_ggml_type_are_custom_nodes(cases: dict[str, dict], ca
     assert c["over_x"] == [over_x] and c["rewired"] == [True]
     assert c["reads"] == ["ffn_norm-0.fq, ffn_norm-0" if c["impl"] == "cpu_fused" else REWIRED_READS]
     assert c["order"] == ["ffn_norm-0 SCALE", *nodes, "out-0 ADD"]
+    # only a portable write over x is reported (the copy over the graph output, whose memory x owns)
+    assert c["writes"] == (["CPY over ffn_norm-0 SCALE"] if case == "mxfp4_output_copy_accepted" else [])
+
+
+@pytest.mark.parametrize(("case", "first", "second", "owner"), [
+    ("mxfp4_nested_view", ["ffn_norm-0.fq CUSTOM"], ["ffn_norm-0.fq.q CUSTOM", "ffn_norm-0.fq CPY"], "CUSTOM"),
+    ("bf16_nested_view", ["ffn_norm-0.fq.q CPY", "ffn_norm-0.fq CPY"], ["ffn_norm-0.fq.q CPY", "ffn_norm-0.fq CPY"],
+     "CPY"),
+])
+def test_a_site_that_is_a_view_of_another_reports_its_write(cases: dict[str, dict], case: str, first: list[str],
+                                                             second: list[str], owner: str) -> None:
+    """Two sites of one name, the second a view of the first (as Vcur after its reshape): the first is
+    rounded out of place and the view made a view of its result, so the second is copied over memory that
+    the first site's last node owns. That write is reported with its owner: for a custom node (CPU memory)
+    llama_context places the copy on the CPU; on a GPU backend it crashed when the scheduler put it on
+    the device (native/README.md, "Writes over x"). The reader reads the second site's result."""
+    c = cases[case]
+    assert c["error"] == ""
+    assert c["sites"] == [[0, 0], [0, 0]]
+    assert c["order"] == ["ffn_norm-0 SCALE", *first, "ffn_norm-0 RESHAPE", *second, "out-0 ADD"]
+    assert c["writes"] == [f"CPY over ffn_norm-0.fq {owner}"]
+    assert c["reads"] == [REWIRED_READS]
 
 
 @pytest.mark.parametrize("case, fmt", [("q8_0_rows_not_multiple", "q8_0"), ("mxfp4_ggml_rows_not_multiple", "mxfp4_ggml")])

@@ -4,8 +4,9 @@
 // Built and run by test_unsupported_format.py; prints one JSON object per case on stdout.
 //
 // The graph of a case: a leaf "inp", x = scale(inp) named "ffn_norm-0", and its reader
-// "out" = add(x, x) (the two-layer case chains a second such block, "ffn_norm-1" and "out-1").
-// Every case gets a fresh context and graph.
+// "out" = add(x, x) (the two-layer case chains a second such block, "ffn_norm-1" and "out-1"; the
+// nested case names a reshape of x "ffn_norm-0" too, as the graph builders name Vcur, and out reads
+// that). Every case gets a fresh context and graph.
 
 #include "ggml.h"
 #include "llama-fake-quant.h"
@@ -68,9 +69,10 @@ static const verdict refuse_sub = { "refuses SUB", [](const ggml_tensor * n, int
 static const verdict refuse_q8_0_layer1 = { "refuses q8_0 at layer 1", [](const ggml_tensor * n, int32_t il) {
     return il == 1 && involves(n, GGML_TYPE_Q8_0); } };
 
-// ne0: the row length of x; x_output: x is a graph output (as the logits are: written over on the portable path)
+// ne0: the row length of x; x_output: x is a graph output (as the logits are: written over on the portable path);
+// nested: a second site of x's name, a view of x
 static void run_case(const char * name, llama_fake_quant_impl impl, const char * format, float scale, const verdict & v,
-                     int n_layers = 1, int64_t ne0 = 64, bool x_output = false) {
+                     int n_layers = 1, int64_t ne0 = 64, bool x_output = false, bool nested = false) {
     const size_t graph_size = 64;
     ggml_init_params params = {
         /*.mem_size   =*/ 64 * ggml_tensor_overhead() + ggml_graph_overhead_custom(graph_size, false),
@@ -90,7 +92,12 @@ static void run_case(const char * name, llama_fake_quant_impl impl, const char *
         if (x_output) {
             ggml_set_output(x);
         }
-        ggml_tensor * reader = ggml_add(ctx, x, x);
+        ggml_tensor * read = x;
+        if (nested) {
+            read = ggml_reshape_2d(ctx, x, ne0, 2);
+            ggml_format_name(read, "ffn_norm-%d", il);
+        }
+        ggml_tensor * reader = ggml_add(ctx, read, read);
         ggml_format_name(reader, "out-%d", il);
         xs.push_back(x);
         readers.push_back(reader);
@@ -118,8 +125,14 @@ static void run_case(const char * name, llama_fake_quant_impl impl, const char *
         }
         return "";
     };
-    std::vector<llama_fake_quant_site> sites;
-    const std::string err = llama_fake_quant_rewrite(ctx, gf, cfg, impl, unsupported, /*require_sites=*/ true, sites);
+    std::vector<llama_fake_quant_site>  sites;
+    std::vector<llama_fake_quant_write> writes;
+    const std::string err = llama_fake_quant_rewrite(ctx, gf, cfg, impl, unsupported, /*require_sites=*/ true, sites, writes);
+    // the writes over x that llama_context places where the owner's memory is: "<node op> over <owner name> <owner op>"
+    std::vector<std::string> written;
+    for (const auto & w : writes) {
+        written.push_back(std::string(ggml_op_desc(w.node)) + " over " + w.owner->name + " " + ggml_op_desc(w.owner));
+    }
 
     std::vector<std::string> order;
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
@@ -152,11 +165,12 @@ static void run_case(const char * name, llama_fake_quant_impl impl, const char *
     }
     printf("{\"case\": %s, \"impl\": %s, \"format\": %s, \"scale\": %g, \"stub\": %s, \"error\": %s, "
            "\"sites\": [%s], \"rewired\": [%s], \"over_x\": [%s], \"reads\": %s, \"asked\": %s, \"refused\": %s, "
-           "\"n_nodes_before\": %d, \"n_nodes_after\": %d, \"order\": %s}\n",
+           "\"writes\": %s, \"n_nodes_before\": %d, \"n_nodes_after\": %d, \"order\": %s}\n",
            json_str(name).c_str(), json_str(impl == LLAMA_FAKE_QUANT_IMPL_PORTABLE ? "portable" : "cpu_fused").c_str(),
            json_str(format).c_str(), scale, json_str(v.what).c_str(), json_str(err).c_str(),
            site_list.c_str(), rewired_list.c_str(), over_x_list.c_str(), json_list(reads).c_str(), json_list(asked).c_str(),
-           json_list(refused).c_str(), n_nodes_before, ggml_graph_n_nodes(gf), json_list(order).c_str());
+           json_list(refused).c_str(), json_list(written).c_str(), n_nodes_before, ggml_graph_n_nodes(gf),
+           json_list(order).c_str());
     fflush(stdout);
     ggml_free(ctx);
 }
@@ -193,6 +207,10 @@ int main() {
     // ... except the copy over x where x must keep the result (a graph output such as the logits)
     run_case("mxfp4_output_copy_refused", P, "mxfp4", 1.0f, refuse_everything, 1, 64, true);
     run_case("mxfp4_output_copy_accepted", P, "mxfp4", 1.0f, refuse_nothing, 1, 64, true);
+    // ... and the copy over a later site that is a view of an earlier one: it writes into the earlier
+    // site's custom node's output, CPU memory (reported, so llama_context places the copy on the CPU)
+    run_case("mxfp4_nested_view", P, "mxfp4", 1.0f, refuse_nothing, 1, 64, false, true);
+    run_case("bf16_nested_view", P, "bf16", 1.0f, refuse_nothing, 1, 64, false, true);
     // (g) rows that ggml's block formats cannot take (no tensor of the test models has such rows)
     run_case("q8_0_rows_not_multiple", F, "q8_0", 1.0f, refuse_nothing, 1, 100);
     run_case("mxfp4_ggml_rows_not_multiple", P, "mxfp4_ggml", 1.0f, refuse_nothing, 1, 100);
