@@ -33,8 +33,7 @@ CASES = ("q8_0_refused", "bf16_accepted", "f16_accepted", "q8_0_accepted", "q8_0
          "bf16_fused_not_asked", "bf16_refused", "bf16_blend_dequant_refused", "bf16_blend_sub_refused",
          "q8_0_second_layer_refused", "mxfp4_portable_not_asked", "nvfp4_portable_not_asked", "nvfp4_fused",
          "mxfp4_output_copy_refused", "mxfp4_output_copy_accepted", "mxfp4_nested_view", "bf16_nested_view",
-         "q8_0_rows_not_multiple",
-         "mxfp4_ggml_rows_not_multiple", "mxfp4_rows_not_multiple")
+         "q8_0_rows_not_multiple", "mxfp4_ggml_rows_not_multiple", "mxfp4_rows_not_multiple")
 # the single-site graph: x = scale(inp) named ffn_norm-0, read twice by out-0 = add(x, x)
 REWIRED_READS = "ffn_norm-0.fq, ffn_norm-0.fq"
 
