@@ -96,34 +96,22 @@ def test_cuda_every_architecture_native_equals_reference(gpu_layers):
     assert not exceptions, exceptions
 
 
-@pytest.mark.vulkan
-def test_vulkan_architectures_native_equals_reference(monkeypatch):
-    """The same sweep on lavapipe for three architectures (dense, with pre- and post-norms, MoE), all
-    layers and one layer offloaded: the GPU path of the sweep, where a context is renewed per name."""
-    b = backend_build("vulkan")
-    for name, value in VULKAN_ENV.items():  # the child processes inherit it
-        monkeypatch.setenv(name, value)
-    for gpu_layers in (build_mod.ALL_LAYERS, 1):
-        results = check_all(b, gpu_layers=gpu_layers, only=("llama-dense", "gemma3-dense", "qwen3moe-moe"),
-                            formats=("bf16",))
-        assert len(results) == 3
-        assert all(r.status == "ok" for r in results), [(r.model, r.status, r.mismatches) for r in results]
-
-
-CUSTOM_NODE_FORMATS = ("mxfp4", "nvfp4", "fp8_e4m3")  # no ggml type: custom nodes that only the CPU computes
+# bf16 (casts on the device) and formats without a ggml type (custom nodes that only the CPU computes)
+VULKAN_SWEEP_FORMATS = ("bf16", "mxfp4", "nvfp4", "fp8_e4m3")
 
 
 @pytest.mark.vulkan
 @pytest.mark.parametrize("gpu_layers", [build_mod.ALL_LAYERS, 1], ids=["all", "partial"])
-def test_vulkan_every_name_in_the_custom_node_formats(monkeypatch, gpu_layers):
-    """The formats without a ggml type on lavapipe, at every name of three architectures: their custom
-    nodes run on the CPU, out of place, and a later site of the same name (Qcur, Kcur, Vcur: a view of the
-    first site's result) is written over in CPU memory, which the write must run beside (it crashed on the
-    device before: native/README.md, "Writes over x")."""
+def test_vulkan_architectures_native_equals_reference(monkeypatch, gpu_layers):
+    """The same sweep on lavapipe for three architectures (dense, with pre- and post-norms, MoE), all
+    layers and one layer offloaded: the GPU path of the sweep, where a context is renewed per name. In the
+    custom-node formats a later site of the same name (Qcur, Kcur, Vcur: a view of the first site's result)
+    is written over in CPU memory, which the write must run beside (it crashed on the device before:
+    native/README.md, "Writes over x")."""
     b = backend_build("vulkan")
-    for name, value in VULKAN_ENV.items():
+    for name, value in VULKAN_ENV.items():  # the child processes inherit it
         monkeypatch.setenv(name, value)
     results = check_all(b, gpu_layers=gpu_layers, only=("llama-dense", "gemma3-dense", "qwen3moe-moe"),
-                        formats=CUSTOM_NODE_FORMATS)
+                        formats=VULKAN_SWEEP_FORMATS)
     assert len(results) == 3
     assert all(r.status == "ok" for r in results), [(r.model, r.status, r.mismatches) for r in results]
