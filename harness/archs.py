@@ -42,6 +42,7 @@ class ArchResult:
     names: list[str] = field(default_factory=list)
     ffn_norm_sites: int = 0
     mismatches: list[str] = field(default_factory=list)  # "name: what differs"
+    start: str = ""                              # starting the graph at each layer (harness.residuals.check_start)
 
 
 def arch_models(build: Build) -> Path:
@@ -63,6 +64,7 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence
     reference (harness.compare)."""
     from harness.compare import Case, Sides, one_rule_cases
     from harness.driver import FakeQuantError, FakeQuantRule, Model
+    from harness.residuals import check_start
 
     result = ArchResult(path.name, "ok")
     try:
@@ -93,6 +95,12 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence
                 result.ffn_norm_sites = comparison.native_sites
             if not comparison.equal:
                 result.mismatches.append(comparison.describe())
+        if gpu_layers == 0:  # refused with a GPU backend
+            progress("target start at each layer")
+            start = check_start(model, sides.tokens, threads=1)
+            result.start = start.text()
+            if start.differs:
+                result.mismatches.append(f"start at a layer: {result.start}")
         if result.mismatches:
             result.status = "mismatch"
     finally:
@@ -144,12 +152,16 @@ def table(results: list[ArchResult], where: str = "") -> str:
     lines = [f"{ok} of {len(results)} models: every name bit-identical to the reference with equal counts, in "
              f"each of {', '.join(FORMATS)}. Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, "
              f"one format at every tensor of one name at a time{where}.", "",
-             "| model | names in the computed graph | `ffn_norm` sites | native == reference |", "|---|---|---|---|"]
+             "The last column starts the graph at each layer L from the residual entering it "
+             "(`llama_fake_quant_start_at`, no rule) and compares the logits with the whole graph's.", "",
+             "| model | names in the computed graph | `ffn_norm` sites | native == reference | start at layer L |",
+             "|---|---|---|---|---|"]
     for r in results:
         verdict = {"ok": f"bit-identical ({len(r.names)} names × {len(FORMATS)} formats)",
                    "mismatch": "**differs**: " + "; ".join(r.mismatches)}.get(r.status, r.status)
         sites = str(r.ffn_norm_sites) if "ffn_norm" in r.names else "no `ffn_norm`"
-        lines.append(f"| {r.model.removesuffix('.gguf')} | {', '.join(r.names) or '–'} | {sites} | {verdict} |")
+        lines.append(f"| {r.model.removesuffix('.gguf')} | {', '.join(r.names) or '–'} | {sites} | {verdict} | "
+                     f"{r.start or '–'} |")
     return "\n".join(lines) + "\n"
 
 

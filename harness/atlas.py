@@ -66,13 +66,14 @@ import numpy as np
 from harness import matrix
 from harness.cache import KEY_FILE, HarnessError, cache_root, progress, publish, write_atomic
 from harness.formats import TABLE
-from harness.driver import EVERY_LAYER, FakeQuantError, FakeQuantRule, Target
+from harness.driver import EVERY_LAYER, FakeQuantError, FakeQuantRule, StartRefused, Target
 from harness.intervals import CONFIDENCE, SEED, Interval, mean_ci, paired_ci
 from harness.metrics import TokenStats, summarize
 from harness.records import (Additivity, AdditivitySkipped, Advice, Estimate, Held, MeasuredPoint, NonFinite,
                              NonFinitePoint, PointId, Site, SkippedPoint, Timing, point_from_json)
 from harness.reference import parse_layers as reference_layers
 from harness.measurement import ATLAS_VERSION
+from harness.residuals import NO_LAYER
 from harness.runner import ModelSession, entry_name
 
 MAX_CHUNKS = 4
@@ -83,7 +84,6 @@ RESAMPLES = 2_000
 FORMATS = tuple(TABLE)
 SINGLE_FORMATS = ("bf16", "f16", "fp8_e4m3", "mxfp4", "nvfp4", "int8")
 Q8_0_BLOCK = TABLE["q8_0"].row_multiple
-NO_LAYER = ("result_norm", "result_output")
 NO_SINGLE_LAYERS = "none"  # --layers none: no single-layer points, every layer at once only
 REFERENCE = ("result_output", "bf16")  # the logits rounded to bf16: the yardstick of the report
 
@@ -169,11 +169,14 @@ def stop_reason(ci: Interval, chunks: int, max_chunks: int) -> str | None:
 
 
 def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chunks: int,
-                  point: PointId | None = None) -> MeasuredPoint | NonFinitePoint:
+                  point: PointId | None = None, start: int | None = None) -> MeasuredPoint | NonFinitePoint:
     """Measure `rules` on the matrix's chunks, adding chunks until stop_reason says stop: the
-    per-token KLDs, their interval, the matrix's token summary, sites and timing."""
+    per-token KLDs, their interval, the matrix's token summary, sites and timing. The decodes start
+    at layer `start` (None: session.start_layer; harness.residuals), or on the whole graph where
+    libllama refuses that."""
     baseline = session.baseline  # before the clock starts: shared by every point
     ctx = session.ctx
+    start = session.start_layer(rules) if start is None else start
     started, compute_before = time.perf_counter(), ctx.compute_seconds
     ctx.set_fake_quant(list(rules))
     non_finite: NonFinite | None = None
@@ -181,7 +184,11 @@ def measure_rules(session: ModelSession, rules: Sequence[FakeQuantRule], max_chu
         sites = ctx.fake_quant_sites
         parts: list[TokenStats] = []
         for i, chunk in enumerate(session.chunks[:max_chunks]):
-            test = session._scored_logits(chunk, copy=False)  # the matrix's scored positions; used at once
+            try:  # the matrix's scored positions, used at once; from `start` on (harness.residuals)
+                test = session._scored_logits(chunk, copy=False, start=session.start(i, start))
+            except StartRefused as exc:  # libllama's reason is logged once; no chunk was measured
+                session.refuse_start(start, rules, exc)
+                return measure_rules(session, rules, max_chunks, point, start=0)
             base = baseline.chunk(i)
             try:
                 parts.append(session.token_stats(base, test, np.asarray(chunk[matrix.SCORED_FROM + 1:])))

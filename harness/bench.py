@@ -537,6 +537,66 @@ def run_stats_bench(block_rows: Sequence[int] = (1, 2, 4, 16), threads: Sequence
             "repetitions": repetitions, "timings": table}
 
 
+def run_skip_bench(models: Sequence[str] = ("smollm2-f32", "gemma3-f32"), points: int = 24,
+                   out: Path | None = None) -> dict:
+    """Atlas points per hour with and without layer skipping (harness.residuals), side by side: a
+    sample of `points` points spread evenly over each model's whole atlas plan (its mix of single
+    layers, every layer at once and the positions of no layer), each measured both ways in turn
+    (the order alternating per point), on the same session. The records must be identical, timing
+    aside; the residuals' capture (once per model) and disk are reported apart."""
+    from harness.atlas import ModelAtlas, measure_point
+    from harness.build import build
+    from harness.runner import ModelSession
+
+    b = build("cpu")
+    rows = []
+    for name in models:
+        session = ModelSession(name, b)
+        try:
+            atlas = ModelAtlas.of(session)
+            plan = atlas.plan(None, None, None)
+            sample = plan[::max(1, len(plan) // points)][:points]
+            session.baseline  # noqa: B018 - made (or found) before any clock starts
+            started = time.perf_counter()
+            for i in range(atlas.max_chunks):
+                session.residuals.start(i, 1)
+            capture_s = time.perf_counter() - started
+            wall = {True: 0.0, False: 0.0}
+            inside = {True: 0.0, False: 0.0}
+            identical = True
+            for k, point in enumerate(sample):
+                records = {}
+                for skip in ((True, False) if k % 2 == 0 else (False, True)):
+                    session.skip_layers = skip
+                    before, t0 = session.compute_seconds, time.perf_counter()
+                    records[skip] = measure_point(session, point, atlas.ne0[point.position], atlas.max_chunks)
+                    wall[skip] += time.perf_counter() - t0
+                    inside[skip] += session.compute_seconds - before
+                same = {k2: v for k2, v in records[True].items() if k2 != "timing"} == \
+                       {k2: v for k2, v in records[False].items() if k2 != "timing"}
+                identical &= same
+                progress(f"{name}: skip bench {k + 1}/{len(sample)} {point.slug}{'' if same else ' RECORDS DIFFER'}")
+            rows.append({"model": name, "n_layer": session.model.n_layer, "plan_points": len(plan),
+                         "sample_points": len(sample), "identical": identical,
+                         "points_per_hour": {"skip": 3600 * len(sample) / wall[True],
+                                             "whole": 3600 * len(sample) / wall[False]},
+                         "speedup": wall[False] / wall[True],
+                         "share_in_llama_decode": {"skip": inside[True] / wall[True],
+                                                   "whole": inside[False] / wall[False]},
+                         "refused": sorted(f"{layer}:{','.join(t)}" for layer, t in session.refused_starts),
+                         "residuals": {"chunks": atlas.max_chunks, "capture_s": capture_s,
+                                       "disk_bytes": session.residuals.disk_bytes()}})
+            progress(f"{name}: {rows[-1]['speedup']:.2f}x points per hour with skipping")
+        finally:
+            session.close()
+    result = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count()}, "build": b.fingerprint["key"],
+              "models": rows}
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def _pick(given: int | None, default: int) -> int:
     return default if given is None else given
 
@@ -585,7 +645,17 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs=2, metavar=("LONG", "SHORT"),
                    help="--instructions: generated tokens of the two runs per configuration (default 48 16)")
     p.add_argument("--jobs", type=int, default=1, help="--instructions: callgrind runs at once (default 1)")
+    p.add_argument("--skip-layers", action="store_true",
+                   help="instead: atlas points per hour with and without layer skipping (a sample of --points "
+                        "points of each model's atlas; models default smollm2-f32,gemma3-f32)")
+    p.add_argument("--points", type=int, default=24, help="--skip-layers: points sampled per model (default 24)")
     args = p.parse_args(argv)
+    if args.skip_layers:
+        out = args.out or Path("report") / "bench-skip-layers.json"
+        result = run_skip_bench(args.models.split(",") if args.models else ("smollm2-f32", "gemma3-f32"),
+                                args.points, out)
+        print(out)
+        return 0 if all(row["identical"] for row in result["models"]) else 1
     if args.instructions:
         return _main_instructions(p, args)
     if args.token_stats:

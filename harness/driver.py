@@ -31,6 +31,19 @@ class FakeQuantError(ValueError):
     """A fake-quant setting libllama rejected; the message is libllama's."""
 
 
+class StartRefused(HarnessError):
+    """libllama would not start a graph at a layer (llama_fake_quant_start_at); the message says why."""
+
+
+@dataclass(frozen=True)
+class Start:
+    """Start the next decode's graph at `layer`, from `residual`: the F32 values of l_out-<layer-1>
+    that the whole graph computes for the same batch (n_embd per row, rows in order)."""
+
+    layer: int
+    residual: np.ndarray
+
+
 EVERY_LAYER = "-1"  # the layer spec of a FakeQuantRule for every layer (as --fake-quant-tensor spells it)
 
 
@@ -66,6 +79,13 @@ def bind(build: Build):
     lib.llama_fake_quant_n_applied.restype = ctypes.c_int64
     lib.llama_fake_quant_list.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.llama_fake_quant_list.restype = ctypes.c_int32
+    lib.llama_fake_quant_start_at.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
+                                              ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
+    lib.llama_fake_quant_start_at.restype = ctypes.c_int32
+    lib.llama_fake_quant_n_skipped.argtypes = [ctypes.c_void_p]
+    lib.llama_fake_quant_n_skipped.restype = ctypes.c_int32
+    lib.llama_fake_quant_n_nodes.argtypes = [ctypes.c_void_p]
+    lib.llama_fake_quant_n_nodes.restype = ctypes.c_int32
     lib.llama_fake_quant_formats.argtypes = []
     lib.llama_fake_quant_formats.restype = ctypes.c_char_p
 
@@ -315,9 +335,19 @@ class Context:
         """Wall time spent inside llama_decode."""
         return self.decoder.compute_seconds
 
-    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True) -> np.ndarray:
+    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True, start: Start | None = None) -> np.ndarray:
         """Decoder.logits."""
-        return self.decoder.logits(tokens, first, copy)
+        return self.decoder.logits(tokens, first, copy, start)
+
+    @property
+    def skipped_nodes(self) -> int:
+        """Nodes the graph built last did not compute (a decode started at a layer)."""
+        return _llama._lib.llama_fake_quant_n_skipped(self.live.ptr)
+
+    @property
+    def graph_nodes(self) -> int:
+        """Nodes the graph built last computes."""
+        return _llama._lib.llama_fake_quant_n_nodes(self.live.ptr)
 
     def generate(self, prompt: Sequence[int], n_predict: int, seed: int | None = None) -> list[int]:
         """Greedy continuation (seed None) or seeded sampling with llama-completion's default
@@ -478,6 +508,23 @@ class Decoder:
         self.sequences = sequences
         self.batch = _llama.llama_batch_init(max(n_ctx, sequences), 0, 1)
         self.compute_seconds = 0.0
+        self.start_layer = 0  # where libllama starts the graph (llama_fake_quant_start_at)
+
+    def _start(self, start: Start | None) -> None:
+        """Tell libllama where the next decode's graph starts (None: the whole graph)."""
+        layer = start.layer if start else 0
+        if layer == 0 and self.start_layer == 0:
+            return
+        err = ctypes.create_string_buffer(2048)
+        if start is None:
+            rc = _llama._lib.llama_fake_quant_start_at(self.live.ptr, 0, None, 0, err, len(err))
+        else:
+            resid = np.ascontiguousarray(start.residual, dtype=np.float32)
+            rc = _llama._lib.llama_fake_quant_start_at(self.live.ptr, layer, resid.ctypes.data_as(
+                ctypes.POINTER(ctypes.c_float)), resid.size, err, len(err))
+        if rc != 0:
+            raise StartRefused(err.value.decode())
+        self.start_layer = layer
 
     def _decode(self, tokens: Sequence[int], start: int | Sequence[int], first_output: int, seq: int = 0) -> None:
         """Decode `tokens`, with logits for batch rows first_output..: in sequence `seq` at
@@ -503,12 +550,21 @@ class Decoder:
         if rc != 0:
             raise HarnessError(f"llama_decode failed ({rc}):\n{''.join(_log_lines[-5:])}")
 
-    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True) -> np.ndarray:
+    def logits(self, tokens: Sequence[int], first: int = 0, copy: bool = True, start: Start | None = None) -> np.ndarray:
         """Fresh sequence: float32 logits [len(tokens) - first, n_vocab] of positions first..
         (only those are computed through the output layer). copy=False returns a view of
-        libllama's buffer, valid until the next decode on this context."""
+        libllama's buffer, valid until the next decode on this context. With `start`, the graph
+        starts at its layer (StartRefused if libllama will not, at once or in the decode)."""
         _llama.llama_memory_clear(self.live.memory, True)
-        self._decode(tokens, 0, first)
+        self._start(start)
+        try:
+            self._decode(tokens, 0, first)
+        except HarnessError as exc:
+            if self.start_layer == 0:
+                raise
+            self._start(None)
+            why = [line.split(": ", 1)[1].strip() for line in _log_lines[-20:] if line.startswith("process_ubatch: ")]
+            raise StartRefused(why[-1] if why else str(exc)) from None
         ptr = _llama.llama_get_logits(self.live.ptr)
         view = np.ctypeslib.as_array(ptr, shape=(len(tokens) - first, self.model.n_vocab))
         return view.copy() if copy else view
@@ -525,6 +581,7 @@ class Decoder:
             raise HarnessError(f"{len(prompts)} prompts and {len(seeds)} seeds for a context of "
                                f"{self.sequences} sequences (one seed or None per prompt)")
         llama.llama_memory_clear(self.live.memory, True)
+        self._start(None)
         chains = [self._sampler(seed) for seed in seeds]
         outs: list[list[int]] = [[] for _ in prompts]
         ended = [False] * len(prompts)

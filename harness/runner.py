@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,13 +24,14 @@ from harness.build import Build
 from harness.cache import KEY_FILE, cache_root, progress, publish
 from harness.corpus import (GENERATION_PROMPTS, SEEDED_PROMPT, Corpus, arithmetic_tasks, cut_chunks, load_corpus,
                             text_tasks)
-from harness.driver import Context, Model, devices
+from harness.driver import Context, FakeQuantRule, Model, Start, StartRefused, devices
 from harness.measurement import RESULTS_VERSION
 from harness.metrics import TokenStats, generation_match, summarize, token_stats
 from harness.models import GGUFInfo, ModelFile, get_model, model_info
 from harness.numerics import layer_numerics
 from harness.records import AnswerLogprob, Continuation, GroupRecord, Tasks, Timing
 from harness.reference import Capture
+from harness.residuals import Residuals, skipping_enabled, start_layer
 
 NUMERICS_TOKENS = 128  # positions of chunk 0 whose per-layer tensors are compared
 TOKEN_ARRAYS = ("kld", "top1", "nll_base", "nll_test", "dp")
@@ -156,6 +158,8 @@ class ModelSession:
         longest = max(len(self.model.tokenize(text)) for _, _, text in (*GENERATION_PROMPTS, SEEDED_PROMPT))
         self.contexts = Contexts(self.model, longest, sequences=len(GENERATION_PROMPTS) + 1)
         self.groups = {g.id: g for g in matrix.groups(self.model.n_layer)}
+        self.skip_layers = skipping_enabled()  # harness.residuals
+        self.refused_starts: set[tuple[int, tuple[str, ...]]] = set()
 
     @property
     def ctx(self) -> Context:
@@ -204,9 +208,32 @@ class ModelSession:
 
         return BaselineFiles(publish(cache_root() / "baselines" / self.entry_name(self.key), make))
 
-    def _scored_logits(self, chunk: list[int], copy: bool = True) -> np.ndarray:
+    def _scored_logits(self, chunk: list[int], copy: bool = True, start: Start | None = None) -> np.ndarray:
         """Logits of the scored positions SCORED_FROM..N_CTX-2 (each predicts the next token)."""
-        return self.ctx.logits(chunk, first=matrix.SCORED_FROM, copy=copy)[:-1]
+        return self.ctx.logits(chunk, first=matrix.SCORED_FROM, copy=copy, start=start)[:-1]
+
+    # starting at a layer (harness.residuals) -----------------------------------------------
+
+    @cached_property
+    def residuals(self) -> Residuals:
+        return Residuals(self)
+
+    def start_layer(self, rules: Sequence[FakeQuantRule]) -> int:
+        """Where the scoring decodes of `rules` start (0: the whole graph): their first layer, unless
+        skipping is off, the model is on a GPU (refused there) or libllama refused it before."""
+        if not self.skip_layers or self.gpu_layers:
+            return 0
+        first = start_layer(rules, self.model.n_layer)
+        return 0 if (first, tuple(r.target for r in rules)) in self.refused_starts else first
+
+    def start(self, i: int, layer: int) -> Start | None:
+        """Chunk i's scoring decode from `layer` (None: the whole graph)."""
+        return self.residuals.start(i, layer) if layer else None
+
+    def refuse_start(self, layer: int, rules: Sequence[FakeQuantRule], exc: StartRefused) -> None:
+        """Remember (and say once) that libllama would not start `rules` at `layer`."""
+        self.refused_starts.add((layer, tuple(r.target for r in rules)))
+        progress(f"{self.name}: {', '.join(r.target for r in rules)} from layer {layer} computes every layer: {exc}")
 
     def token_stats(self, base: np.ndarray, test: np.ndarray, targets: np.ndarray) -> TokenStats:
         """harness.metrics.token_stats on as many threads as llama.cpp gets: the cores idle
@@ -326,5 +353,7 @@ class ModelSession:
         return self.contexts.compute_seconds
 
     def close(self) -> None:
+        if "residuals" in self.__dict__:
+            self.residuals.close()
         self.contexts.close()
         self.model.close()
