@@ -415,8 +415,11 @@ class ModelAtlas:
 
     def run(self, points: Sequence[Point]) -> tuple[list[dict], int]:
         """Every point's record and how many were measured now (harness.atlas.run_points)."""
-        if not all(self.store.has(p) for p in points):
-            self.session.baseline  # made (or found) before the clock of the ETA starts
+        pending = [p for p in points if not self.store.has(p)]
+        if pending:
+            self.session.baseline  # made (or found) before the clock of the ETA starts, and so are
+            if any(self.session.start_layer([p.rule]) for p in pending):  # the residuals, if a point skips
+                self.session.residuals.ensure(self.max_chunks)
         return run_points(points, self.store, self.measure, f"{self.facts.name} atlas")
 
     def measure_set(self, rules: Sequence[FakeQuantRule]) -> dict:

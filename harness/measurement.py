@@ -125,6 +125,18 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "the same verify runs' atlas points identical; `python -m harness atlas --layers none` re-assembled "
                  "atlas.json from the cache (0 points measured): equal to the one measured with commit fcf75b4 apart "
                  "from the date and this run's timing (every additivity entry included)"),
+    Confirmation("results", 1, "3fe4753dfe784de9",
+                 "layer skipping (harness.residuals; ModelSession.start_layer, the driver's Start): the groups never "
+                 "start at a layer. The code of 985c081, on this build (49efb2cca0875f35), cached groups baseline, "
+                 "all, layer00, layer15, layer29 of smollm2-f32; `python -m harness measurement verify --model "
+                 "smollm2-f32 --sample 40 --max-chunks 1` re-measured all, layer00, layer15, layer29 with this code: "
+                 "bit-identical (4 of 4, records and arrays, timing aside)"),
+    Confirmation("atlas", 1, "54a8667918b0ccc6",
+                 "layer skipping: a point at layer L starts there from the stored residual. The code of 985c081 (the "
+                 "whole graph) measured 34 points of smollm2-f32 on this build (attn_norm, ffn_norm, l_out at layers "
+                 "0, 1, 14, 29 and all; bf16, nvfp4, q8_0; max 1 chunk); the same verify run re-measured all 34 with "
+                 "this code, 19 of them skipping (the 18 at layers 1, 14, 29 and result_output from layer 30): 34 of "
+                 "34 identical, timing aside"),
 )
 
 

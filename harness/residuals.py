@@ -89,6 +89,11 @@ class Residuals:
 
         return publish(self.directory(i), make)
 
+    def ensure(self, chunks: int) -> None:
+        """Capture (or find) the residuals of the first `chunks` chunks now, before any point's clock."""
+        for i in range(chunks):
+            self._chunk(i)
+
     def start(self, i: int, layer: int) -> Start:
         """Start chunk i's scoring decode at `layer` (>= 1) from the stored residual."""
         return Start(layer, np.load(self._chunk(i) / f"{RESIDUAL.format(layer - 1)}.npy"))
@@ -116,14 +121,15 @@ class StartCheck:
 
     def text(self) -> str:
         """One cell of the architecture table."""
-        if self.differs:
-            return f"**differs** at L = {', '.join(map(str, self.differs))}"
-        if not self.exact:
-            reasons = sorted(set(self.refused.values()))
-            return "refused: " + "; ".join(reasons) if reasons else "–"
-        last = self.exact[-1]
-        text = f"exact at L = {_ranges(self.exact)} ({self.skipped[last]} of {self.nodes} nodes skipped at L = {last})"
-        return text + (f"; refused at L = {_ranges(sorted(self.refused))}" if self.refused else "")
+        parts = [f"**differs** at L = {_ranges(self.differs)}"] if self.differs else []
+        if self.exact:
+            last = self.exact[-1]
+            parts.append(f"exact at L = {_ranges(self.exact)} ({self.skipped[last]} of {self.nodes} nodes skipped "
+                         f"at L = {last})")
+        for reason in sorted(set(self.refused.values())):
+            layers = sorted(layer for layer, why in self.refused.items() if why == reason)
+            parts.append(f"refused at L = {_ranges(layers)}: {reason}")
+        return "; ".join(parts) or "–"
 
 
 def _ranges(values: list[int]) -> str:
@@ -150,7 +156,7 @@ def check_start(model, tokens: list[int], threads: int | None = None) -> StartCh
         for layer in range(1, model.n_layer + 1):
             residual = capture.tensors.get(RESIDUAL.format(layer - 1))
             if residual is None:
-                check.refused[layer] = f"the graph names no {RESIDUAL.format(layer - 1)}"
+                check.refused[layer] = f"the graph names no {RESIDUAL.format('<L-1>')}"
                 continue
             try:
                 got = native.logits(tokens, start=Start(layer, residual))

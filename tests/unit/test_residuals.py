@@ -49,7 +49,10 @@ def test_a_bad_switch_names_the_value_and_what_is_allowed(monkeypatch, value):
 
 
 def test_the_sweep_cell():
-    exact = StartCheck(exact=[1, 2, 3, 5], refused={4: "the graph names no l_out-3"}, skipped={5: 90}, nodes=100)
-    assert exact.text() == "exact at L = 1-3,5 (90 of 100 nodes skipped at L = 5); refused at L = 4"
-    assert StartCheck(exact=[1], differs=[2]).text() == "**differs** at L = 2"
-    assert StartCheck(refused={1: "x", 2: "x"}).text() == "refused: x"
+    cell = StartCheck(exact=[1, 2, 3, 5], refused={4: "the graph names no l_out-<L-1>"}, skipped={5: 90}, nodes=100)
+    assert cell.text() == ("exact at L = 1-3,5 (90 of 100 nodes skipped at L = 5); "
+                           "refused at L = 4: the graph names no l_out-<L-1>")
+    assert StartCheck(exact=[1], differs=[2, 3], skipped={1: 5}, nodes=9).text() == \
+        "**differs** at L = 2-3; exact at L = 1 (5 of 9 nodes skipped at L = 1)"
+    assert StartCheck(refused={1: "x", 2: "x", 4: "y"}).text() == "refused at L = 1-2: x; refused at L = 4: y"
+    assert StartCheck().text() == "–"
