@@ -29,6 +29,8 @@ N_TOKENS = 16
 # of every architecture in each; MoE graphs have rows of 1 or 2 values (router weights), which the
 # block formats take as one short block
 FORMATS = ("bf16", "mxfp4", "nvfp4", "fp8_e4m3")
+START_KINDS = (("every", "models bit-identical at every layer"), ("some", "at some layers (refused at the others)"),
+               ("none", "refused at every layer"), ("differs", "differ"))
 README = Path(__file__).resolve().parent.parent / "native" / "README.md"
 BEGIN, END = "<!-- archs:begin (python -m harness archs --readme) -->", "<!-- archs:end -->"
 
@@ -43,6 +45,7 @@ class ArchResult:
     ffn_norm_sites: int = 0
     mismatches: list[str] = field(default_factory=list)  # "name: what differs"
     start: str = ""                              # starting the graph at each layer (harness.residuals.check_start)
+    start_kind: str = ""                         # "every" layer exact, "some", "none" (refused), "differs"
 
 
 def arch_models(build: Build) -> Path:
@@ -99,6 +102,8 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence
             progress("target start at each layer")
             start = check_start(model, sides.tokens, threads=1)
             result.start = start.text()
+            result.start_kind = ("differs" if start.differs else "none" if not start.exact
+                                 else "some" if start.refused else "every")
             if start.differs:
                 result.mismatches.append(f"start at a layer: {result.start}")
         if result.mismatches:
@@ -153,7 +158,9 @@ def table(results: list[ArchResult], where: str = "") -> str:
              f"each of {', '.join(FORMATS)}. Models written by `test-llama-archs -s {SEED}`, {N_TOKENS} tokens, "
              f"one format at every tensor of one name at a time{where}.", "",
              "The last column starts the graph at each layer L from the residual entering it "
-             "(`llama_fake_quant_start_at`, no rule) and compares the logits with the whole graph's.", "",
+             "(`llama_fake_quant_start_at`, no rule) and compares the logits with the whole graph's: "
+             + ", ".join(f"{sum(r.start_kind == kind for r in results)} {text}" for kind, text in START_KINDS)
+             + ".", "",
              "| model | names in the computed graph | `ffn_norm` sites | native == reference | start at layer L |",
              "|---|---|---|---|---|"]
     for r in results:
