@@ -548,6 +548,8 @@ def run_skip_bench(models: Sequence[str] = ("smollm2-f32", "gemma3-f32"), points
     from harness.build import build
     from harness.runner import ModelSession
 
+    if points < 1:
+        raise HarnessError(f"--points {points}: give at least 1 point per model")
     b = build("cpu")
     rows = []
     for name in models:
@@ -647,14 +649,27 @@ def main_bench(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-layers", action="store_true",
                    help="instead: atlas points per hour with and without layer skipping (a sample of --points "
                         "points of each model's atlas; models default smollm2-f32,gemma3-f32)")
-    p.add_argument("--points", type=int, default=24, help="--skip-layers: points sampled per model (default 24)")
+    p.add_argument("--points", type=int, help="--skip-layers: points sampled per model (default 24)")
     args = p.parse_args(argv)
     if args.skip_layers:
+        others = {"--pp": args.pp, "--tg": args.tg, "--reps": args.reps, "--threads": args.threads,
+                  "--backend": args.backend, "--gpu-layers": args.gpu_layers, "--quick": args.quick or None,
+                  "--formats": args.formats or None, "--token-stats": args.token_stats or None,
+                  "--instructions": args.instructions or None, "--tokens": args.tokens}
+        if given := [flag for flag, value in others.items() if value is not None]:
+            p.error(f"{', '.join(given)} do not apply to --skip-layers (the CPU build; its options: --models, "
+                    "--points, --out)")
         out = args.out or Path("report") / "bench-skip-layers.json"
-        result = run_skip_bench(args.models.split(",") if args.models else ("smollm2-f32", "gemma3-f32"),
-                                args.points, out)
+        try:
+            result = run_skip_bench(args.models.split(",") if args.models else ("smollm2-f32", "gemma3-f32"),
+                                    _pick(args.points, 24), out)
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         print(out)
         return 0 if all(row["identical"] for row in result["models"]) else 1
+    if args.points is not None:
+        p.error("--points applies to --skip-layers only")
     if args.instructions:
         return _main_instructions(p, args)
     if args.token_stats:

@@ -31,6 +31,7 @@ UNFINISHED_AFTER_S = 24 * 3600  # a temporary directory older than this belongs 
 KINDS = {
     "downloads": "always", "corpus": "always", "gguf-info": "gguf-info", "builds": "build", "models": "build",
     "arch-models": "build", "baselines": "key", "results": "key", "atlas": "key", "xcheck": "baseline",
+    "residuals": "key",
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 from harness import driver
 from harness.bench import (CONFIGS, PHASES, CallgrindRun, callgrind_command, callgrind_total, cli_flags,
                            compute_buffer_mib, decode_calls, instruction_configs, main_bench, paired_ratios,
-                           per_token, run_bench, run_callgrind, run_instructions)
+                           per_token, run_bench, run_callgrind, run_instructions, run_skip_bench)
 from harness.cache import HarnessError
 from harness.driver import FakeQuantRule
 from harness.models import get_model
@@ -61,6 +61,29 @@ def test_bench_smoke(build, tmp_path, capsys):
         assert mem["compute_buffer_mib"] > 0 and mem["max_rss_kib"] > 0
         assert mem["compute_buffer_ratio"] > 0 and mem["rss_ratio"] > 0
     assert "target" in capsys.readouterr().err
+
+
+@pytest.mark.native
+def test_skip_bench_smoke(build, tmp_path):
+    out = tmp_path / "s.json"
+    result = run_skip_bench(("smollm2-f32",), points=3, out=out)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    row = result["models"][0]
+    assert row["identical"] and row["sample_points"] == 3 and row["plan_points"] > 3
+    assert row["points_per_hour"]["skip"] > 0 and row["points_per_hour"]["whole"] > 0 and row["speedup"] > 0
+    assert 0 < row["share_in_llama_decode"]["skip"] <= 1 and 0 < row["share_in_llama_decode"]["whole"] <= 1
+    assert row["residuals"]["disk_bytes"] > 0 and not row["refused"]
+
+
+def test_main_skip_bench_rejects_bad_settings(tmp_path, capsys):
+    assert main_bench(["--skip-layers", "--points", "0", "--out", str(tmp_path / "s.json")]) == 1
+    assert "--points 0: give at least 1 point per model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_bench(["--skip-layers", "--pp", "64"])
+    assert "--pp do not apply to --skip-layers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main_bench(["--points", "3"])
+    assert "--points applies to --skip-layers only" in capsys.readouterr().err
 
 
 def test_main_bench_rejects_bad_settings(tmp_path, capsys):
