@@ -13,17 +13,13 @@ discards that graph (native/README.md), so it is not tested here.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from harness.build import PATCH, Build
-from harness.cache import fetch_pypi
-from harness.pins import LLAMA_CPP_DIR, LLAMA_CPP_PYTHON
+from harness.build import Build
+from native_program import compile_program
 
 pytestmark = pytest.mark.native
 
@@ -44,43 +40,10 @@ def expected_error(fmt: str, name: str, op: str, src: str, dst: str) -> str:
             "(use bf16 or f16, or keep that layer on the CPU)")
 
 
-def _headers(dest: Path) -> Path:
-    """Only the two headers the program includes: ggml.h from the pinned sdist and llama-fake-quant.h,
-    which the patch creates; the patch's hunks for both are applied (it has none for ggml.h today).
-    The rest of the 3,900-file tree is not extracted."""
-    sdist = fetch_pypi(LLAMA_CPP_PYTHON)  # cached (and verified) since the build was made
-    wanted = f"{LLAMA_CPP_DIR}/ggml/include/ggml.h"
-    with tarfile.open(sdist) as tar:
-        member = tar.getmember(wanted)
-        member.name = "ggml/include/ggml.h"
-        tar.extract(member, dest, filter="data")
-    # outside any repository (a basetemp inside one would make git apply the patch relative to its top)
-    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(dest.parent))
-    applied = subprocess.run(["git", "apply", "--include=ggml/include/ggml.h", "--include=src/llama-fake-quant.h",
-                              str(PATCH)], cwd=dest, capture_output=True, text=True, env=env, check=False)
-    header = dest / "src" / "llama-fake-quant.h"
-    if applied.returncode != 0 or not header.exists():
-        pytest.fail(f"could not take src/llama-fake-quant.h from {PATCH.name}: {applied.stderr.strip()}")
-    return dest
-
-
 @pytest.fixture(scope="module")
 def program(build: Build, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """unsupported_format.cpp compiled against the patched headers and linked to the cached build's
-    libllama (the build is reused, never rebuilt here)."""
-    gxx = shutil.which("g++")
-    if gxx is None:  # the llama.cpp build needs a C++ compiler anyway: a missing one is an error, not a skip
-        pytest.fail("g++ is not installed: it is needed to compile tests/native/unsupported_format.cpp "
-                    "(and llama.cpp itself): apt-get install -y g++")
-    root = _headers(tmp_path_factory.mktemp("unsupported_format"))
-    exe = root / "unsupported_format"
-    bin_dir = str(build.bin_dir)
-    cmd = [gxx, "-std=c++17", "-Wall", "-Wextra", "-I", str(root / "ggml" / "include"), "-I", str(root / "src"),
-           str(SOURCE), "-o", str(exe), "-L", bin_dir, "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{bin_dir}"]
-    compiled = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if compiled.returncode != 0:
-        pytest.fail(f"compiling {SOURCE.name} failed:\n{compiled.stderr[-4000:]}")
-    return exe
+    """unsupported_format.cpp, compiled and linked to the cached build's libllama."""
+    return compile_program(SOURCE, build, tmp_path_factory.mktemp("unsupported_format"))
 
 
 @pytest.fixture(scope="module")
