@@ -6,7 +6,8 @@
 // into a cache (set_rows-like: a cpy into a view of a leaf, as the KV cache writes are), attn-il =
 // add(prev, a view of a cache) and l_out-il = add(prev, attn-il); result_output = scale(l_out-1), the
 // graph's output. Layer 1 reads its own cache ("own"), or the cache layer 0 writes ("shared", as
-// gemma3n's later layers read the KV of earlier ones); "layer0_leaf" gives layer 0 a leaf of its own.
+// gemma3n's later layers read the KV of earlier ones); "layer0_leaf" gives layer 0 a leaf of its own;
+// "per_layer_input" adds to each layer's attn a tensor computed from embd (as gemma3n's per-layer inputs).
 
 #include "ggml.h"
 #include "llama-fake-quant.h"
@@ -24,7 +25,8 @@ static std::string json_list(const std::vector<std::string> & items) {
     return out + "]";
 }
 
-static void run_case(const char * name, int32_t start, bool shared, bool layer0_leaf, int32_t site_layer) {
+static void run_case(const char * name, int32_t start, bool shared, bool layer0_leaf, int32_t site_layer,
+                     bool per_layer_input = false) {
     const int64_t n = 8;
     ggml_init_params params = { 64 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, /*no_alloc=*/ true };
     ggml_context * ctx = ggml_init(params);
@@ -57,6 +59,12 @@ static void run_case(const char * name, int32_t start, bool shared, bool layer0_
         ggml_format_name(read, "read-%d", il);
         ggml_tensor * attn = ggml_add(ctx, prev, read);
         ggml_format_name(attn, "attn-%d", il);
+        if (per_layer_input) { // read by the layer, computed from the embedding, not from the residual
+            ggml_tensor * pl = ggml_scale(ctx, embd, 5.0f);
+            ggml_format_name(pl, "per_layer-%d", il);
+            attn = ggml_add(ctx, attn, pl);
+            ggml_format_name(attn, "attn_pl-%d", il);
+        }
         prev = ggml_add(ctx, prev, attn);
         ggml_format_name(prev, "l_out-%d", il);
         xs.push_back(k);
@@ -103,6 +111,7 @@ int main() {
     run_case("shared",          1, true,  false, -1);
     run_case("layer0_leaf",     1, false, true,  -1);
     run_case("after_last",      2, false, false, -1);
+    run_case("per_layer_input", 1, false, false, -1, true);
     run_case("site_at_start",   1, false, false, 1);
     run_case("site_below",      1, false, false, 0);
     run_case("site_before",     1, false, false, -2);

@@ -1,7 +1,7 @@
 """The pass that starts a graph at a layer (llama_fake_quant_start_at), on small graphs shaped like a
 builder's (start_at_graph.cpp): exactly the nodes the output needs are kept, with the cache writes the
 kept layers read, including a cache a kept layer shares with a layer below (then that layer's write and
-what it needs are kept: exact, less is skipped); the residual becomes a graph input; leaves that only
+what it needs are kept: exact, less is skipped) and a per-layer input computed from the embedding; the residual becomes a graph input; leaves that only
 dropped nodes read are reported; sites below the start, or computed before it, are refused."""
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def test_a_cache_shared_with_a_layer_below_keeps_that_layers_write(cases):
 def test_a_leaf_only_a_dropped_layer_reads_is_an_orphan(cases):
     kept_and_dropped(cases["layer0_leaf"], OWN_LAYER1)
     assert cases["layer0_leaf"]["orphans"] == ["inp", "bias-0", "cache_k_l0"]
+
+
+def test_a_per_layer_input_is_computed_from_the_embedding(cases):
+    kept_and_dropped(cases["per_layer_input"], ["embd", "l_out-0", "kcur-1", "cache_k_l1 (view)", "write-1",
+                                                "read-1", "attn-1", "per_layer-1", "attn_pl-1", "l_out-1",
+                                                "result_output"])
 
 
 def test_after_the_last_layer_only_the_output_is_computed(cases):
