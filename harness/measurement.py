@@ -137,6 +137,11 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "0, 1, 14, 29 and all; bf16, nvfp4, q8_0; max 1 chunk); the same verify run re-measured all 34 with "
                  "this code, 19 of them skipping (the 18 at layers 1, 14, 29 and result_output from layer 30): 34 of "
                  "34 identical, timing aside"),
+    Confirmation("results", 1, "ca770614072b9fc6",
+                 "ModelSession.start_layer asks the build's backend (not the offload) whether to skip: `python -m "
+                 "harness measurement verify --model smollm2-f32 --sample 8 --max-chunks 1` against the cache of the "
+                 "code of 985c081: groups all, layer00, layer15, layer29 and 8 points (5 of them skipping) identical, "
+                 "timing aside"),
 )
 
 

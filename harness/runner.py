@@ -220,8 +220,8 @@ class ModelSession:
 
     def start_layer(self, rules: Sequence[FakeQuantRule]) -> int:
         """Where the scoring decodes of `rules` start (0: the whole graph): their first layer, unless
-        skipping is off, the model is on a GPU (refused there) or libllama refused it before."""
-        if not self.skip_layers or self.gpu_layers:
+        skipping is off, the build has a GPU backend (refused there) or libllama refused it before."""
+        if not self.skip_layers or self.build.backend != "cpu":
             return 0
         first = start_layer(rules, self.model.n_layer)
         return 0 if (first, tuple(r.target for r in rules)) in self.refused_starts else first
