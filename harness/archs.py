@@ -45,7 +45,7 @@ class ArchResult:
     ffn_norm_sites: int = 0
     mismatches: list[str] = field(default_factory=list)  # "name: what differs"
     start: str = ""                              # starting the graph at each layer (harness.residuals.check_start)
-    start_kind: str = ""                         # "every" layer exact, "some", "none" (refused), "differs"
+    start_kind: str = ""                         # StartCheck.kind
 
 
 def arch_models(build: Build) -> Path:
@@ -102,8 +102,7 @@ def check_model(path: Path, build: Build, gpu_layers: int = 0, formats: Sequence
             progress("target start at each layer")
             start = check_start(model, sides.tokens, threads=1)
             result.start = start.text()
-            result.start_kind = ("differs" if start.differs else "none" if not start.exact
-                                 else "some" if start.refused else "every")
+            result.start_kind = start.kind
             if start.differs:
                 result.mismatches.append(f"start at a layer: {result.start}")
         if result.mismatches:

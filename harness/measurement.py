@@ -142,6 +142,10 @@ CONFIRMATIONS: tuple[Confirmation, ...] = (
                  "harness measurement verify --model smollm2-f32 --sample 8 --max-chunks 1` against the cache of the "
                  "code of 985c081: groups all, layer00, layer15, layer29 and 8 points (5 of them skipping) identical, "
                  "timing aside"),
+    Confirmation("results", 1, "fe67f5cd41520f57",
+                 "harness.residuals: the capture hook made with the Residuals object, StartCheck.kind for the sweep; "
+                 "`python -m harness measurement verify --model smollm2-f32 --sample 8 --max-chunks 1`: 8 groups and 8 "
+                 "points identical to the cache made by the code of 985c081 and ae99e6e, timing aside"),
 )
 
 

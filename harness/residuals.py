@@ -33,6 +33,7 @@ from harness.reference import parse_layers as rule_layers
 
 NO_LAYER = ("result_norm", "result_output")  # positions of no layer, computed after the last one
 RESIDUAL = "l_out-{}"  # the graph's name of layer il's output: the residual entering layer il + 1
+RESIDUALS = r"l_out-\d+"  # every layer's (a Capture pattern)
 SKIP_ENV = "FQ_SKIP_LAYERS"  # "0": every point on the whole graph (the bench's "without")
 
 
@@ -61,6 +62,7 @@ class Residuals:
 
     def __init__(self, session) -> None:
         self.session = session
+        self.capture = Capture(RESIDUALS)
 
     @property
     def key(self) -> dict[str, str]:
@@ -71,7 +73,6 @@ class Residuals:
 
     @cached_property
     def _context(self):
-        self.capture = Capture(r"l_out-\d+")
         return self.session.model.context(matrix.N_CTX, tensor_hook=self.capture)
 
     def _chunk(self, i: int) -> Path:
@@ -119,6 +120,11 @@ class StartCheck:
     skipped: dict[int, int] = field(default_factory=dict)     # L -> nodes not computed
     nodes: int = 0                                            # nodes of the whole graph
 
+    @property
+    def kind(self) -> str:
+        """"every" layer exact, "some" (refused at the others), "none" (refused at every layer), "differs"."""
+        return "differs" if self.differs else "none" if not self.exact else "some" if self.refused else "every"
+
     def text(self) -> str:
         """One cell of the architecture table."""
         parts = [f"**differs** at L = {_ranges(self.differs)}"] if self.differs else []
@@ -145,7 +151,7 @@ def _ranges(values: list[int]) -> str:
 
 def check_start(model, tokens: list[int], threads: int | None = None) -> StartCheck:
     """Every start layer of `model` on `tokens` (logits of every position), without a rule."""
-    capture = Capture(r"l_out-\d+")
+    capture = Capture(RESIDUALS)
     check = StartCheck()
     capturing = model.context(len(tokens), threads, tensor_hook=capture)
     native = model.context(len(tokens), threads)

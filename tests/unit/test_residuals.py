@@ -56,3 +56,5 @@ def test_the_sweep_cell():
         "**differs** at L = 2-3; exact at L = 1 (5 of 9 nodes skipped at L = 1)"
     assert StartCheck(refused={1: "x", 2: "x", 4: "y"}).text() == "refused at L = 1-2: x; refused at L = 4: y"
     assert StartCheck().text() == "–"
+    assert [c.kind for c in (cell, StartCheck(exact=[1], differs=[2]), StartCheck(exact=[1, 2]),
+                             StartCheck(refused={1: "x"}))] == ["some", "differs", "every", "none"]
